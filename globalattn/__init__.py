@@ -1,0 +1,27 @@
+"""globalattn: global tokens in attention, in JAX/Flax.
+
+The public attention API lives at the top level:
+
+* :func:`dense_attention` -- the O(T*S) masked-softmax oracle.
+* :func:`global_local_mask` -- the dense boolean pattern (tests, analysis).
+* :func:`global_local_attention` -- the efficient sliding-window + global-token
+  (+ BigBird random block) attention.
+* :func:`random_block_indices` -- BigBird random blocks from a jax.random key.
+"""
+from globalattn.attention import (
+    dense_attention,
+    gather_global_positions,
+    global_local_mask,
+    global_local_reference,
+    random_block_indices,
+)
+from globalattn.global_local import global_local_attention
+
+__all__ = [
+    "dense_attention",
+    "gather_global_positions",
+    "global_local_attention",
+    "global_local_mask",
+    "global_local_reference",
+    "random_block_indices",
+]
