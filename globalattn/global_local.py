@@ -33,6 +33,9 @@ Array = jax.Array
 __all__ = ["global_local_attention", "default_block_q"]
 
 _F32 = jnp.float32
+# Value written into internal block padding. Always 0 in use; tests set it to
+# NaN to prove that padding never reaches an output or a gradient.
+_BLOCK_PAD_FILL = 0.0
 
 
 def default_block_q(seq_len: int, left: int, right: int) -> int:
@@ -56,7 +59,8 @@ def _shift_blocks(x: Array, nb: int, n_left: int, n_right: int, bq: int) -> Arra
     """
     tail = x.shape[2:]
     pad = [(0, 0), (n_left * bq, n_right * bq)] + [(0, 0)] * len(tail)
-    xp = jnp.pad(x, pad)
+    fill = False if x.dtype == jnp.bool_ else _BLOCK_PAD_FILL
+    xp = jnp.pad(x, pad, constant_values=fill)
     xb = xp.reshape((x.shape[0], nb + n_left + n_right, bq) + tail)
     parts = [xb[:, s:s + nb] for s in range(n_left + 1 + n_right)]
     return jnp.concatenate(parts, axis=2)
@@ -183,7 +187,10 @@ def global_local_attention(
     kw = (nl + 1 + nr) * bq
 
     def pad_rows(x, rows):
-        return jnp.pad(x, [(0, 0), (0, rows - T)] + [(0, 0)] * (x.ndim - 2)) if rows > T else x
+        if rows == T:
+            return x
+        fill = False if x.dtype == jnp.bool_ else _BLOCK_PAD_FILL
+        return jnp.pad(x, [(0, 0), (0, rows - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
     q_loc = pad_rows(qz, Tp).reshape(B, nb, bq, N, H)
     k_slab = _shift_blocks(pad_rows(kz, Tp), nb, nl, nr, bq)  # [B, nb, kw, N, H]
@@ -192,7 +199,8 @@ def global_local_attention(
     # Relative offset j - i depends only on (row in block, column in slab).
     rel = (jnp.arange(kw)[None, :] - nl * bq) - jnp.arange(bq)[:, None]  # [bq, kw]
     win = (rel >= -left) & (rel <= right)
-    m_loc = win[None, None] & key_ok[:, :, None, :]  # [B, nb, bq, kw]
+    row_ok = pad_rows(pad, Tp).reshape(B, nb, bq, 1)  # padded rows attend nothing
+    m_loc = win[None, None] & key_ok[:, :, None, :] & row_ok  # [B, nb, bq, kw]
     m_loc = m_loc[:, None]  # [B, 1, nb, bq, kw]
     s_loc = jnp.einsum("bcqnh,bcknh->bncqk", q_loc, k_slab,
                        preferred_element_type=_F32) * scale
@@ -208,7 +216,7 @@ def global_local_attention(
         v_g = vz[bidx, gpos]
         rel_g = gpos[:, None, :] - qpos[None, :, None]  # [B, T, G]
         in_win = (rel_g >= -left) & (rel_g <= right)
-        m_gc = gvalid[:, None, :] & ~in_win
+        m_gc = gvalid[:, None, :] & ~in_win & pad[:, :, None]
         if is_causal:
             m_gc = m_gc & (rel_g <= 0)
         m_gc = m_gc[:, None]  # [B, 1, T, G]
@@ -239,7 +247,8 @@ def global_local_attention(
             ok_r = ok_r & ~glob[bidx4, kpos_c]
         qpos_r = jnp.arange(Tr).reshape(nbr, bs)  # [nbr, bs]
         rel_r = kpos_r[:, :, :, None, :] - qpos_r[None, None, :, :, None]  # [B,N,nbr,bs,r*bs]
-        m_r = ok_r[:, :, :, None, :] & ~((rel_r >= -left) & (rel_r <= right))
+        row_ok_r = pad_rows(pad, Tr).reshape(B, 1, nbr, bs, 1)
+        m_r = ok_r[:, :, :, None, :] & row_ok_r & ~((rel_r >= -left) & (rel_r <= right))
         if is_causal:
             m_r = m_r & (rel_r <= 0)
         q_r = pad_rows(qz, Tr).reshape(B, nbr, bs, N, H)

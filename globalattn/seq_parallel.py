@@ -1,0 +1,380 @@
+"""Sequence-parallel global + local attention: ``jax.shard_map`` over T.
+
+Each of the P devices along mesh axis ``seq_axis`` holds a contiguous chunk of
+C = T / P positions of q, k, v and the masks (device p holds ``[p*C, (p+1)*C)``).
+Per call a device communicates only:
+
+* halos -- the last ``left`` keys/values/padding flags of its chunk go to the
+  right neighbour and the first ``right`` to the left neighbour (two
+  ``ppermute``); ``left, right <= C``, so one hop suffices;
+* the global buffer -- q, k, v and position of the G global tokens in the slot
+  order of :func:`globalattn.gather_global_positions` (the first G globals by
+  position): an all-gather of the per-shard counts (``[P, B]`` ints) gives each
+  shard its slot offset, each shard scatters its own globals into a zero
+  ``[B, G, ...]`` buffer and a ``psum`` assembles it;
+* global-row statistics -- a global query sees the whole sequence, so every
+  shard scores the G global queries against its own chunk and the partial
+  softmaxes are combined exactly by log-sum-exp: ``pmax`` of the row max, then
+  ``psum`` of the denominators ``[B, N, G]`` and weighted values ``[B, G, N, H]``.
+
+None of these sizes involves T: communication is O(B*(left + right + G)*N*H)
+per device per layer (see :func:`globalattn.sharding.comm_bytes_per_layer`).
+Non-global rows run the same joint softmax as :mod:`globalattn.global_local`
+(blockwise local window over ``[halo_left | chunk | halo_right]``, plus the
+global keys outside the window, plus the sink), so the result equals the
+single-device kernel up to float rounding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from globalattn import _validate as V
+from globalattn.attention import Window
+from globalattn.global_local import default_block_q
+
+Array = jax.Array
+
+__all__ = ["sequence_parallel_global_local_attention"]
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static configuration of one shard's computation."""
+    axis: str
+    P: int  # devices along the sequence axis
+    C: int  # chunk length T / P
+    left: int
+    right: int
+    G: int
+    bq: int
+    causal: bool
+    has_glob: bool
+    has_sinks: bool
+    has_gqkv: bool
+
+
+def _zero_masked(x: Array, keep: Array) -> Array:
+    # 0 * NaN = NaN, so masked slots are replaced, not multiplied away.
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _exchange_halos(k: Array, v: Array, pad: Array, cfg: _Cfg) -> Tuple[Array, Array, Array]:
+    """``[halo_left | chunk | halo_right]`` of k, v ``[B, C, N, H]`` and pad ``[B, C]``.
+
+    Halos past the ends of the sequence arrive as zeros with pad False (a
+    non-cyclic ppermute fills unreceived slots with zeros), so they are never
+    attended.
+    """
+    ks, vs, ms = [], [], []
+    if cfg.left:
+        send = (k[:, cfg.C - cfg.left:], v[:, cfg.C - cfg.left:], pad[:, cfg.C - cfg.left:])
+        kl, vl, ml = jax.lax.ppermute(send, cfg.axis, [(i, i + 1) for i in range(cfg.P - 1)])
+        ks.append(kl), vs.append(vl), ms.append(ml)
+    ks.append(k), vs.append(v), ms.append(pad)
+    if cfg.right:
+        send = (k[:, :cfg.right], v[:, :cfg.right], pad[:, :cfg.right])
+        kr, vr, mr = jax.lax.ppermute(send, cfg.axis, [(i + 1, i) for i in range(cfg.P - 1)])
+        ks.append(kr), vs.append(vr), ms.append(mr)
+    return (jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1),
+            jnp.concatenate(ms, axis=1))
+
+
+def _slabs(x: Array, nb: int, bq: int, nl: int, nr: int, lead: int) -> Array:
+    """Key slabs ``[B, nb, (nl + 1 + nr)*bq, ...]`` from a haloed chunk.
+
+    x: ``[B, lead + C + trail, ...]`` with ``lead`` halo rows before the chunk.
+    Padding the front to ``nl*bq`` rows aligns chunk row 0 with block ``nl``,
+    so slab c is blocks ``c .. c + nl + nr`` -- slices, no gather.
+    """
+    rows = (nb + nl + nr) * bq
+    front = nl * bq - lead
+    tail = rows - front - x.shape[1]
+    xp = jnp.pad(x, [(0, 0), (front, tail)] + [(0, 0)] * (x.ndim - 2))
+    xb = xp.reshape((x.shape[0], nb + nl + nr, bq) + x.shape[2:])
+    return jnp.concatenate([xb[:, s:s + nb] for s in range(nl + 1 + nr)], axis=2)
+
+
+def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cfg: _Cfg) -> Array:
+    """One device's rows. q, k, v: ``[B, C, N, H]``; pad, glob: ``[B, C]``."""
+    it = iter(extra)
+    glob = next(it) if cfg.has_glob else None
+    sinks = next(it) if cfg.has_sinks else None
+    gqkv = (next(it), next(it), next(it)) if cfg.has_gqkv else None
+
+    B, C, N, H = q.shape
+    G, left, right, bq = cfg.G, cfg.left, cfg.right, cfg.bq
+    scale = 1.0 / math.sqrt(H)
+    base = jax.lax.axis_index(cfg.axis) * C  # global position of chunk row 0
+    qpos = base + jnp.arange(C, dtype=jnp.int32)  # [C]
+    keep = pad[:, :, None, None]
+    qz, kz, vz = (_zero_masked(x, keep) for x in (q, k, v))
+    bidx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, C))
+
+    # ---- global buffer: counts -> slots -> psum of per-shard scatters -----
+    if cfg.has_glob:
+        glob = glob & pad
+        cnt = jnp.sum(glob, axis=-1, dtype=jnp.int32)  # [B]
+        all_cnt = jax.lax.all_gather(cnt, cfg.axis)  # [P, B]
+        shard = jnp.arange(cfg.P)[:, None]
+        offset = jnp.sum(jnp.where(shard < jax.lax.axis_index(cfg.axis), all_cnt, 0), axis=0)
+        total = jnp.sum(all_cnt, axis=0)  # [B], identical on every shard
+    if G > 0:
+        rank = offset[:, None] + jnp.cumsum(glob, axis=-1, dtype=jnp.int32) - 1
+        slot = jnp.where(glob & (rank < G), rank, G)  # G = not in the buffer
+
+        def scatter(x):  # [B, C, ...] -> this shard's slots of [B, G, ...]
+            buf = jnp.zeros((B, G) + x.shape[2:], x.dtype)
+            return buf.at[bidx, slot].set(x, mode="drop")
+
+        if gqkv is not None:
+            qg_src, kg_src, vg_src = (_zero_masked(x, keep) for x in gqkv)
+        else:
+            qg_src, kg_src, vg_src = qz, kz, vz
+        # Each slot is filled by exactly one shard, so the sum is an assembly.
+        gpos, k_g, v_g, q_rows = jax.lax.psum(
+            (scatter(jnp.broadcast_to(qpos, (B, C))), scatter(kz), scatter(vz), scatter(qg_src)),
+            cfg.axis)
+        gvalid = jnp.arange(G)[None, :] < total[:, None]  # [B, G]
+
+    # ---- local part over [halo_left | chunk | halo_right] -----------------
+    k_ext, v_ext, pad_ext = _exchange_halos(kz, vz, pad, cfg)
+    nb = -(-C // bq)
+    Cp = nb * bq
+    nl, nr = -(-left // bq), -(-right // bq)
+    kw = (nl + 1 + nr) * bq
+    q_loc = jnp.pad(qz, [(0, 0), (0, Cp - C), (0, 0), (0, 0)]).reshape(B, nb, bq, N, H)
+    k_slab = _slabs(k_ext, nb, bq, nl, nr, left)  # [B, nb, kw, N, H]
+    v_slab = _slabs(v_ext, nb, bq, nl, nr, left)
+    key_ok = _slabs(pad_ext, nb, bq, nl, nr, left)  # [B, nb, kw]
+    rel = (jnp.arange(kw)[None, :] - nl * bq) - jnp.arange(bq)[:, None]  # j - i, [bq, kw]
+    win = (rel >= -left) & (rel <= right)
+    m_loc = (win[None, None] & key_ok[:, :, None, :])[:, None]  # [B, 1, nb, bq, kw]
+    s_loc = jnp.einsum("bcqnh,bcknh->bncqk", q_loc, k_slab, preferred_element_type=_F32) * scale
+    s_loc = jnp.where(m_loc, s_loc, -jnp.inf)
+    row_max = jnp.max(s_loc, axis=-1).reshape(B, N, Cp)[..., :C]  # [B, N, C]
+
+    # ---- global keys outside the window (a pair counts once) --------------
+    if G > 0:
+        rel_g = gpos[:, None, :] - qpos[None, :, None]  # [B, C, G]
+        m_gc = gvalid[:, None, :] & ~((rel_g >= -left) & (rel_g <= right))
+        if cfg.causal:
+            m_gc = m_gc & (rel_g <= 0)
+        m_gc = m_gc[:, None]  # [B, 1, C, G]
+        s_gc = jnp.einsum("btnh,bgnh->bntg", qz, k_g, preferred_element_type=_F32) * scale
+        s_gc = jnp.where(m_gc, s_gc, -jnp.inf)
+        row_max = jnp.maximum(row_max, jnp.max(s_gc, axis=-1))
+
+    # ---- joint softmax of local + global columns + sink -------------------
+    if sinks is not None:
+        row_max = jnp.maximum(row_max, sinks[None, :, None])
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    row_max = jax.lax.stop_gradient(row_max)  # any shift is exact; keep it out of autodiff
+    m5 = jnp.pad(row_max, [(0, 0), (0, 0), (0, Cp - C)]).reshape(B, N, nb, bq, 1)
+    p_loc = jnp.where(m_loc, jnp.exp(s_loc - m5), 0.0)
+    denom = jnp.sum(p_loc, axis=-1).reshape(B, N, Cp)[..., :C]
+    o = jnp.einsum("bncqk,bcknh->bcqnh", p_loc.astype(v.dtype), v_slab,
+                   preferred_element_type=_F32).reshape(B, Cp, N, H)[:, :C]
+    if G > 0:
+        p_gc = jnp.where(m_gc, jnp.exp(s_gc - row_max[..., None]), 0.0)
+        denom = denom + jnp.sum(p_gc, axis=-1)
+        o = o + jnp.einsum("bntg,bgnh->btnh", p_gc.astype(v.dtype), v_g,
+                           preferred_element_type=_F32)
+    if sinks is not None:
+        denom = denom + jnp.exp(sinks[None, :, None] - row_max)
+    denom = jnp.where(denom > 0, denom, 1.0)
+    out = o / jnp.transpose(denom, (0, 2, 1))[..., None]
+
+    # ---- global rows: partial softmax per shard, combined by log-sum-exp --
+    if G > 0:
+        s_gr = jnp.einsum("bgnh,bcnh->bngc", q_rows, kg_src, preferred_element_type=_F32) * scale
+        m_gr = gvalid[:, :, None] & pad[:, None, :]  # [B, G, C]
+        if cfg.causal:
+            m_gr = m_gr & (qpos[None, None, :] <= gpos[:, :, None])
+        m_gr = m_gr[:, None]  # [B, 1, G, C]
+        s_gr = jnp.where(m_gr, s_gr, -jnp.inf)
+        # stop_gradient before pmax: the shift is exact and pmax needs no derivative.
+        mx = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(s_gr, axis=-1)), cfg.axis)  # [B, N, G]
+        if sinks is not None:
+            mx = jnp.maximum(mx, sinks[None, :, None])
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        p_gr = jnp.where(m_gr, jnp.exp(s_gr - mx[..., None]), 0.0)
+        den_g, o_gr = jax.lax.psum(
+            (jnp.sum(p_gr, axis=-1),
+             jnp.einsum("bngc,bcnh->bgnh", p_gr.astype(vg_src.dtype), vg_src,
+                        preferred_element_type=_F32)),
+            cfg.axis)
+        if sinks is not None:
+            den_g = den_g + jnp.exp(sinks[None, :, None] - mx)
+        den_g = jnp.where(den_g > 0, den_g, 1.0)
+        o_gr = o_gr / jnp.transpose(den_g, (0, 2, 1))[..., None]
+        # Only the shard that owns a global row writes it.
+        mine = gvalid & (gpos >= base) & (gpos < base + C)
+        local_pos = jnp.where(mine, gpos - base, C)  # C = out of range, dropped
+        out = out.at[jnp.arange(B)[:, None], local_pos].set(o_gr, mode="drop")
+    if cfg.has_glob:
+        # Over capacity inside jit: poison the example rather than truncate it.
+        out = jnp.where((total > G)[:, None, None, None], jnp.nan, out)
+
+    out = jnp.where(keep, out, 0.0)
+    return out.astype(q.dtype)
+
+
+def _mesh_axis_size(mesh: Mesh, name: Optional[str], role: str) -> int:
+    if name is None:
+        return 1
+    if name not in mesh.shape:
+        raise ValueError(f"{role}={name!r} is not an axis of the mesh; mesh axes are "
+                         f"{dict(mesh.shape)}")
+    return int(mesh.shape[name])
+
+
+def sequence_parallel_global_local_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mesh: Mesh,
+    seq_axis: str = "seq",
+    local_window_size: Window,
+    global_mask: Optional[Array] = None,
+    padding_mask: Optional[Array] = None,
+    is_causal: bool = False,
+    max_globals: Optional[int] = None,
+    sinks: Optional[Array] = None,
+    global_qkv: Optional[Tuple[Array, Array, Array]] = None,
+    batch_axis: Optional[str] = None,
+    head_axis: Optional[str] = None,
+    block_q: Optional[int] = None,
+    random_blocks: Optional[Array] = None,
+    block_size: Optional[int] = None,
+) -> Array:
+    """:func:`globalattn.global_local_attention` with T split across devices.
+
+    Same semantics and result (up to float rounding) as the single-device
+    kernel; see the module docstring for what is communicated. Works eagerly
+    and under ``jax.jit``/``jax.grad``; the mesh may have Auto or Explicit axes.
+
+    Args:
+      q, k, v: ``[B, T, N, H]``; T is split along ``seq_axis`` in contiguous
+        chunks of C = T / P (P = ``mesh.shape[seq_axis]``).
+      mesh: the device mesh (see :func:`globalattn.sharding.make_mesh`).
+      seq_axis: mesh axis that splits T.
+      local_window_size: int w or (left, right) as in the kernel. After causal
+        masking (right = 0) both sides must be at most C: halos come from the
+        immediate neighbours only.
+      global_mask, padding_mask: bool ``[B or 1, T]``, as in the kernel.
+      is_causal: every pair, global ones included, needs ``j <= i``.
+      max_globals: static capacity G. Required when ``global_mask`` is traced;
+        when concrete and None, G is the largest per-example count. More than G
+        globals: ValueError outside jit, NaN for that example inside jit.
+      sinks: ``[N]`` per-head sink logits.
+      global_qkv: ``(q_g, k_g, v_g)``, each ``[B, T, N, H]``, for global rows.
+      batch_axis, head_axis: optional mesh axes that also split B and N (no
+        communication along them).
+      block_q: query-block size of the local part (tuning knob only).
+      random_blocks, block_size: BigBird random blocks are not supported here
+        (a random block may live on any device); passing them raises ValueError.
+
+    Returns:
+      ``[B, T, N, H]`` in ``q.dtype``, sharded as
+      ``PartitionSpec(batch_axis, seq_axis, head_axis, None)``.
+    """
+    if random_blocks is not None or block_size is not None:
+        raise ValueError(
+            "random_blocks/block_size (BigBird random attention) are not supported by "
+            "sequence_parallel_global_local_attention: a random key block can live on any "
+            "device; use global_local_attention on one device instead")
+    B, T, N, H = V.check_qkv(q, k, v)
+    if k.shape[1] != T:
+        raise ValueError(f"self-attention: k/v length {k.shape[1]} must equal q length {T}")
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    names = [n for n in (seq_axis, batch_axis, head_axis) if n is not None]
+    if len(set(names)) != len(names):
+        raise ValueError(f"seq_axis={seq_axis!r}, batch_axis={batch_axis!r} and "
+                         f"head_axis={head_axis!r} must be distinct mesh axes")
+    P = _mesh_axis_size(mesh, seq_axis, "seq_axis")
+    PB = _mesh_axis_size(mesh, batch_axis, "batch_axis")
+    PN = _mesh_axis_size(mesh, head_axis, "head_axis")
+    if T % P:
+        raise ValueError(f"sequence length T={T} is not divisible by the {P} devices of mesh "
+                         f"axis seq_axis={seq_axis!r}")
+    if B % PB:
+        raise ValueError(f"batch B={B} is not divisible by the {PB} devices of mesh axis "
+                         f"batch_axis={batch_axis!r}")
+    if N % PN:
+        raise ValueError(f"heads N={N} is not divisible by the {PN} devices of mesh axis "
+                         f"head_axis={head_axis!r}")
+    C = T // P
+    left, right = V.normalize_window(local_window_size)
+    if is_causal:
+        right = 0
+    left, right = min(left, T - 1), min(right, T - 1)  # beyond the sequence adds nothing
+    if left > C or right > C:
+        raise ValueError(
+            f"local_window_size (left={left}, right={right}) is larger than the per-device "
+            f"chunk T/P = {T}/{P} = {C}; halos come from the immediate neighbours only, so "
+            f"use fewer devices along {seq_axis!r} or a smaller window")
+    pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
+    sinks = V.check_sinks(sinks, N)
+    if global_qkv is not None:
+        if len(global_qkv) != 3:
+            raise ValueError(f"global_qkv must be (q_g, k_g, v_g), got {len(global_qkv)} items")
+        for name, x in zip(("q_g", "k_g", "v_g"), global_qkv):
+            if x.shape != q.shape:
+                raise ValueError(f"global_qkv {name} must have shape {q.shape}, got {x.shape}")
+
+    G = 0
+    glob = None
+    if global_mask is not None:
+        glob = V.check_token_mask(global_mask, B, T, "global_mask", default=False) & pad
+        counts = [int(c) for c in jnp.sum(glob, axis=-1)] if V.is_concrete(glob) else None
+        if max_globals is None:
+            if counts is None:
+                raise ValueError("max_globals (a static int) is required when global_mask is "
+                                 "traced (e.g. under jit)")
+            G = max(counts, default=0)
+        else:
+            G = V.check_nonneg_int(max_globals, "max_globals")
+            if counts is not None and max(counts, default=0) > G:
+                over = {b: c for b, c in enumerate(counts) if c > G}
+                raise ValueError(f"more global tokens than max_globals={G}: per-example counts "
+                                 f"{over} (example index: count)")
+    elif max_globals is not None:
+        V.check_nonneg_int(max_globals, "max_globals")
+
+    bq = block_q if block_q is not None else default_block_q(C, left, right)
+    bq = V.check_positive_int(bq, "block_q")
+    cfg = _Cfg(axis=seq_axis, P=P, C=C, left=left, right=right, G=G, bq=bq,
+               causal=bool(is_causal), has_glob=glob is not None,
+               has_sinks=sinks is not None, has_gqkv=global_qkv is not None and G > 0)
+
+    x_spec = PartitionSpec(batch_axis, seq_axis, head_axis, None)
+    m_spec = PartitionSpec(batch_axis, seq_axis)
+    args, specs = [q, k, v, pad], [x_spec, x_spec, x_spec, m_spec]
+    if cfg.has_glob:
+        args.append(glob), specs.append(m_spec)
+    if cfg.has_sinks:
+        args.append(sinks), specs.append(PartitionSpec(head_axis))
+    if cfg.has_gqkv:
+        args += list(global_qkv)
+        specs += [x_spec] * 3
+
+    def body(*a):
+        return _shard_attention(*a, cfg=cfg)
+
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        # Explicit axes make sharding part of the type and shard_map then
+        # insists the arguments already carry in_specs (masks built here do
+        # not); resharding is a no-op for inputs that already do.
+        args = [jax.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    fn = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=x_spec)
+    return fn(*args)

@@ -1,0 +1,290 @@
+"""Tests for globalattn.modules: strategies, attention modules, encoders, Perceiver, heads.
+
+Models are tiny (d_model 16, T 24) and every (config, shape) is compiled once:
+``_built`` caches the model, its initialised variables and a jitted apply, and
+the tests share them. Mask-only strategy tests run eagerly on a few tokens.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from globalattn import global_local_mask, patterns
+from globalattn.modules import (
+    STRATEGIES,
+    BigBirdGlobals,
+    GlobalLocalSelfAttention,
+    build_model,
+    default_model_config,
+    layer_kinds,
+)
+
+B, T = 2, 24
+LENGTHS = (24, 19)  # example 1 is right-padded
+SMALL = dict(vocab_size=32, max_len=32, d_model=16, num_heads=2, mlp_dim=32, num_layers=2,
+             window=2, num_classes=5, dropout=0.0)
+
+
+def _cfg(overrides):
+    c = default_model_config()
+    for k, v in {**SMALL, **dict(overrides)}.items():
+        node = c
+        *path, leaf = k.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _inputs():
+    tokens = jax.random.randint(jax.random.key(7), (B, T), 1, SMALL["vocab_size"])
+    pm = jnp.arange(T)[None, :] < jnp.asarray(LENGTHS)[:, None]
+    # Segment 0 (the question) is positions 0..5, then the context.
+    seg = jnp.broadcast_to((jnp.arange(T) >= 6).astype(jnp.int32), (B, T))
+    return tokens, pm, seg
+
+
+class Built:
+    def __init__(self, overrides):
+        self.cfg = _cfg(overrides)
+        self.model = build_model(self.cfg)
+        tokens, pm, seg = _inputs()
+        self.variables = nn.unbox(jax.jit(self.model.init)(jax.random.key(0), tokens, pm, seg))
+        self.apply = jax.jit(self.model.apply, static_argnames=("deterministic",))
+
+
+@functools.lru_cache(maxsize=None)
+def _built_cached(key):
+    return Built(key)
+
+
+def _built(**overrides) -> Built:
+    return _built_cached(tuple(sorted(overrides.items())))
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _finite(tree):
+    for x in jax.tree.leaves(tree):
+        assert bool(jnp.all(jnp.isfinite(x))), "non-finite output"
+
+
+# One config per registry name (and two Perceiver ones); the heads, remat,
+# scan, dtype and projection options are spread over them so each is built.
+CASES = {
+    "none": {"strategy.name": "none", "pooling": "mean"},
+    "none_interleaved": {"strategy.name": "none", "attention_schedule": "interleaved",
+                         "local_per_full": 1, "head": "token"},
+    "cls": {"strategy.name": "cls", "global_projections": True},
+    "first": {"strategy.name": "first", "strategy.num_globals": 3, "head": "token",
+              "remat": True, "dtype": "bfloat16"},
+    "first_last": {"strategy.name": "first_last", "head": "span", "scan": True},
+    "periodic": {"strategy.name": "periodic", "strategy.period": 8, "strategy.num_globals": 3,
+                 "pooling": "globals"},
+    "task": {"strategy.name": "task", "strategy.num_globals": 8, "head": "span"},
+    "bigbird": {"strategy.name": "bigbird", "strategy.block_size": 4,
+                "strategy.num_random_blocks": 1, "head": "token", "global_projections": True},
+    "extra": {"strategy.name": "extra", "strategy.num_globals": 2, "pooling": "globals",
+              "strategy.drop_output": False},
+    "sinks": {"strategy.name": "sinks", "strategy.num_globals": 1, "strategy.sink_logits": True,
+              "head": "lm", "causal": True},
+    "perceiver": {"arch": "perceiver", "perceiver.num_latents": 8},
+    "perceiver_token": {"arch": "perceiver", "perceiver.num_latents": 8, "head": "token",
+                        "perceiver.share_weights": True},
+}
+
+
+def test_every_registry_name_has_a_case():
+    assert set(STRATEGIES) <= {c["strategy.name"] for c in CASES.values() if "strategy.name" in c}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_builds_and_runs_forward(case):
+    b = _built(**CASES[case])
+    tokens, pm, seg = _inputs()
+    out = b.apply(b.variables, tokens, pm, seg)
+    head = b.cfg.head
+    want = {"classify": (B, 5), "token": (B, T, 5), "lm": (B, T, 32)}
+    if head == "span":
+        assert [o.shape for o in out] == [(B, T), (B, T)]
+        assert bool(jnp.all(out[0][1, LENGTHS[1]:] < -1e8))  # padded span positions masked
+    else:
+        assert out.shape == want[head]
+    assert all(o.dtype == jnp.float32 for o in jax.tree.leaves(out))
+    _finite(out)
+    # Training mode: dropout and (BigBird) resampled random blocks.
+    out_train = b.apply(b.variables, tokens, pm, seg, deterministic=False,
+                        rngs={"dropout": jax.random.key(1), "random_blocks": jax.random.key(2)})
+    _finite(out_train)
+
+
+# ---------------------------------------------------------------------------
+# Parameter counts.
+# ---------------------------------------------------------------------------
+def _expected_params(cfg) -> int:
+    D, M, V, C, L = cfg.d_model, cfg.mlp_dim, cfg.vocab_size, cfg.num_classes, cfg.num_layers
+    N = cfg.num_heads
+    embed = V * D + cfg.max_len * D + cfg.num_segments * D
+    attn = 4 * (D * D + D)
+    mlp = D * M + M + M * D + D
+    head = {"classify": D * C + C, "token": D * C + C, "span": 2 * D + 2, "lm": D * V + V}[cfg.head]
+    if cfg.arch == "perceiver":
+        p = cfg.perceiver
+        xblock = 3 * 2 * D + attn + mlp
+        lblock = 2 * 2 * D + attn + mlp
+        n_lat = 1 if p.share_weights else p.num_latent_layers
+        query = D if cfg.head == "classify" else 0
+        return (embed + p.num_latents * D + 2 * xblock + n_lat * lblock + 2 * 2 * D + query
+                + head)
+    kinds = layer_kinds(cfg.attention_schedule, L, cfg.local_per_full)
+    n_gl = sum(k == "global_local" for k in kinds)
+    total = embed + L * (attn + 4 * D + mlp) + 2 * D + head
+    s = cfg.strategy
+    if cfg.global_projections and s.name != "none":
+        total += n_gl * 3 * (D * D + D)
+    if s.name in ("extra", "sinks"):
+        total += s.num_globals * D
+    if s.name == "sinks" and s.sink_logits:
+        total += L * N
+    return total
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parameter_counts(case):
+    b = _built(**CASES[case])
+    assert _count(b.variables["params"]) == _expected_params(b.cfg)
+
+
+def test_global_projections_start_as_copies_of_local():
+    params = _built(**CASES["cls"]).variables["params"]["encoder"]
+    for layer in ("layer_0", "layer_1"):
+        attn = params[layer]["attn"]
+        for name in ("query", "key", "value"):
+            for leaf in ("kernel", "bias"):
+                np.testing.assert_array_equal(attn[name][leaf], attn[name + "_global"][leaf])
+
+
+def test_parameters_carry_logical_axis_names():
+    for case in ("bigbird", "first_last", "perceiver", "extra"):
+        b = _built(**CASES[case])
+        tokens, pm, seg = _inputs()
+        boxed = jax.eval_shape(b.model.init, jax.random.key(0), tokens, pm, seg)["params"]
+        allowed = {"embed", "heads", "kv", "mlp", "vocab", "layers", None}
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        for leaf in leaves:
+            assert isinstance(leaf, nn.LogicallyPartitioned), (case, leaf)
+            assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= allowed, leaf.names
+        if case == "first_last":  # scanned: a leading 'layers' axis
+            kernel = boxed["encoder"]["layers"]["block_0"]["attn"]["query"]["kernel"]
+            assert kernel.names == ("layers", "embed", "heads", "kv")
+
+
+# ---------------------------------------------------------------------------
+# Receptive field: gradient support == the pattern composed over the layers.
+# ---------------------------------------------------------------------------
+NUM_ACTIVE = {"periodic": 2, "extra": 1}
+
+
+def _expected_global_mask(case, pm, seg):
+    """Data-position global mask, written independently of the strategies."""
+    pos = jnp.arange(T)[None, :]
+    last = jnp.asarray(LENGTHS)[:, None] - 1
+    name = CASES[case].get("strategy.name")
+    if name == "cls":
+        return patterns.cls(pm)
+    if name == "first_last":
+        return patterns.first_last(pm)
+    if name == "periodic":  # period 8, only the first NUM_ACTIVE=2 of them
+        return patterns.periodic(pm, 8) & (pos < 16)
+    if name == "task":
+        return patterns.from_segments(seg, (0,), pm)
+    if name == "bigbird":  # block 4: the first block and the last real token's block
+        return pm & ((pos // 4 == 0) | (pos // 4 == last // 4))
+    return jnp.zeros((B, T), bool)
+
+
+def _layer_masks(b, gt, ext_pad, ext_glob):
+    """Per-layer allowed pairs ``[B, T', T']`` (union over heads)."""
+    cfg = b.cfg
+    Tp = ext_pad.shape[1]
+    causal = jnp.tril(jnp.ones((Tp, Tp), bool)) if cfg.causal else jnp.ones((Tp, Tp), bool)
+    masks = []
+    for l, kind in enumerate(layer_kinds(cfg.attention_schedule, cfg.num_layers,
+                                         cfg.local_per_full)):
+        if kind == "full":
+            masks.append(ext_pad[:, :, None] & ext_pad[:, None, :] & causal)
+            continue
+        kw = dict(local_window_size=cfg.window)
+        if gt.random_blocks is not None:
+            kw = dict(local_window_size=0, random_blocks=gt.random_blocks[l],
+                      block_size=cfg.strategy.block_size)
+        m = global_local_mask(Tp, global_mask=ext_glob, padding_mask=ext_pad,
+                              is_causal=cfg.causal, **kw)
+        masks.append(jnp.any(m, axis=1) if m.ndim == 4 else m)
+    return masks
+
+
+RF_CASES = ["none", "none_interleaved", "cls", "first_last", "periodic", "task", "bigbird",
+            "extra", "sinks"]
+
+
+@pytest.mark.parametrize("case", RF_CASES)
+def test_receptive_field_matches_composed_pattern(case):
+    b = _built(**CASES[case])
+    tokens, pm, seg = _inputs()
+    n = NUM_ACTIVE.get(case)
+    D = b.cfg.d_model
+
+    def f(x):
+        return b.model.apply(b.variables, x, pm, seg, num_active_globals=n,
+                             method="encode_embeddings")
+
+    @jax.jit
+    def dependence(x):
+        h, vjp_fn, gt = jax.vjp(f, x, has_aux=True)
+        Tp = h.shape[1]
+        w = jax.random.normal(jax.random.key(5), (D,)) + 2.0  # no accidental cancellation
+        cts = jnp.eye(B * Tp).reshape(B * Tp, B, Tp)[..., None] * w
+        (g,) = jax.vmap(vjp_fn)(cts.astype(h.dtype))
+        return jnp.any(g != 0, axis=-1).reshape(B, Tp, B, T), gt
+
+    x = jax.random.normal(jax.random.key(3), (B, T, D))
+    nz, gt = dependence(x)
+
+    P = gt.num_prepended
+    slot_on = jnp.arange(P)[None, :] < (P if n is None else n)
+    slot_on = jnp.broadcast_to(slot_on, (B, P))
+    ext_pad = jnp.concatenate([slot_on, pm], axis=1)
+    ext_glob = jnp.concatenate([slot_on, _expected_global_mask(case, pm, seg)], axis=1)
+    np.testing.assert_array_equal(gt.padding_mask, ext_pad)
+    np.testing.assert_array_equal(gt.global_mask, ext_glob)
+    if gt.random_blocks is not None:  # BigBird's 3-block window leads each block list
+        nb = T // 4
+        win = np.clip(np.arange(nb)[:, None] + np.arange(-1, 2)[None, :], 0, nb - 1)
+        np.testing.assert_array_equal(gt.random_blocks[..., :3], np.broadcast_to(
+            win, gt.random_blocks.shape[:-1] + (3,)))
+
+    Tp = ext_pad.shape[1]
+    eye = jnp.eye(Tp, dtype=bool)
+    reach = jnp.broadcast_to(eye, (B, Tp, Tp))
+    for m in _layer_masks(b, gt, ext_pad, ext_glob):  # residual: identity always allowed
+        reach = jnp.einsum("bik,bkj->bij", (m | eye).astype(jnp.int32),
+                           reach.astype(jnp.int32)) > 0
+    want = jnp.zeros((B, Tp, B, T), bool)
+    for e in range(B):
+        want = want.at[e, :, e, :].set(reach[e][:, P:])
+    np.testing.assert_array_equal(np.asarray(nz), np.asarray(want))
+    # Spelled out: after 2 layers of window 2, token 23 sees token 10 only via a global.
+    if case == "cls":
+        assert bool(nz[0, 23, 0, 10])
+    if case == "none":
+        assert not bool(nz[0, 23, 0, 10])
