@@ -51,30 +51,37 @@ def default_block_q(seq_len: int, left: int, right: int) -> int:
     return int(min(bq, max(8, 1 << (seq_len - 1).bit_length())))
 
 
-def _shift_blocks(x: Array, nb: int, n_left: int, n_right: int, bq: int) -> Array:
+def _pad_axis(x: Array, axis: int, before: int, after: int) -> Array:
+    if before == 0 and after == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    fill = False if x.dtype == jnp.bool_ else _BLOCK_PAD_FILL
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _blocks(x: Array, axis: int, nb: int, bq: int) -> Array:
+    """Pads ``axis`` to ``nb*bq`` and splits it into ``[nb, bq]``."""
+    x = _pad_axis(x, axis, 0, nb * bq - x.shape[axis])
+    return x.reshape(x.shape[:axis] + (nb, bq) + x.shape[axis + 1:])
+
+
+def _slabs(x: Array, axis: int, nb: int, bq: int, n_left: int, n_right: int) -> Array:
     """Key slabs: for each of nb query blocks, ``n_left + 1 + n_right`` key blocks.
 
-    x: ``[B, nb*bq, ...]`` already padded to block multiples.
-    Returns ``[B, nb, (n_left + 1 + n_right)*bq, ...]``.
+    ``x`` has the sequence on ``axis`` (any length <= nb*bq). Returns the
+    sequence axis replaced by ``[nb, (n_left + 1 + n_right) * bq]``; slab c
+    starts at key ``(c - n_left) * bq``. Out-of-range keys are padding.
     """
-    tail = x.shape[2:]
-    pad = [(0, 0), (n_left * bq, n_right * bq)] + [(0, 0)] * len(tail)
-    fill = False if x.dtype == jnp.bool_ else _BLOCK_PAD_FILL
-    xp = jnp.pad(x, pad, constant_values=fill)
-    xb = xp.reshape((x.shape[0], nb + n_left + n_right, bq) + tail)
-    parts = [xb[:, s:s + nb] for s in range(n_left + 1 + n_right)]
-    return jnp.concatenate(parts, axis=2)
+    x = _pad_axis(x, axis, n_left * bq, (nb + n_right) * bq - x.shape[axis])
+    xb = x.reshape(x.shape[:axis] + (nb + n_left + n_right, bq) + x.shape[axis + 1:])
+    parts = [jax.lax.slice_in_dim(xb, s, s + nb, axis=axis) for s in range(n_left + 1 + n_right)]
+    return jnp.concatenate(parts, axis=axis + 1)
 
 
-def _row_stat(x: Array, T: int) -> Array:
-    """[B, N, rows_padded] -> [B, N, T]."""
-    return x[..., :T]
-
-
-def _to_rows(x: Array, rows: int) -> Array:
-    """Pads a [B, N, T] row statistic to [B, N, rows]."""
-    T = x.shape[-1]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, rows - T)]) if rows > T else x
+def _safe_max(m: Array) -> Array:
+    """Row max for the exp shift: 0 for empty rows; out of autodiff (any shift is exact)."""
+    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
 
 
 def global_local_attention(
@@ -168,59 +175,57 @@ def global_local_attention(
 
     # Masked slots are zeroed so NaN/inf written there reaches nothing
     # (0 * NaN would otherwise leak through matmuls and their gradients).
+    # Internally heads lead, [B, N, T, H], so every matmul is a plain batched
+    # dot with no transposes inside the hot loop.
     keep = pad[:, :, None, None]
-    qz, kz, vz = (jnp.where(keep, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
+
+    def heads_first(x):
+        return jnp.transpose(jnp.where(keep, x, jnp.zeros((), x.dtype)), (0, 2, 1, 3))
+
+    qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
     scale = 1.0 / math.sqrt(H)
 
-    # ---- local part -------------------------------------------------------
-    bq = block_q if block_q is not None else default_block_q(T, left, right)
-    bq = V.check_positive_int(bq, "block_q")
     rb = None
     if random_blocks is not None:
         rb = V.check_random_blocks(random_blocks, block_size, B, N, T)
     elif block_size is not None:
         raise ValueError("block_size is only meaningful with random_blocks")
 
+    # ---- local part -------------------------------------------------------
+    bq = block_q if block_q is not None else default_block_q(T, left, right)
+    bq = V.check_positive_int(bq, "block_q")
     nb = -(-T // bq)
-    Tp = nb * bq
     nl, nr = -(-left // bq), -(-right // bq)
     kw = (nl + 1 + nr) * bq
-
-    def pad_rows(x, rows):
-        if rows == T:
-            return x
-        fill = False if x.dtype == jnp.bool_ else _BLOCK_PAD_FILL
-        return jnp.pad(x, [(0, 0), (0, rows - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-
-    q_loc = pad_rows(qz, Tp).reshape(B, nb, bq, N, H)
-    k_slab = _shift_blocks(pad_rows(kz, Tp), nb, nl, nr, bq)  # [B, nb, kw, N, H]
-    v_slab = _shift_blocks(pad_rows(vz, Tp), nb, nl, nr, bq)
-    key_ok = _shift_blocks(pad_rows(pad, Tp), nb, nl, nr, bq)  # [B, nb, kw]
+    key_ok = _slabs(pad, 1, nb, bq, nl, nr)  # [B, nb, kw]
+    row_ok = _blocks(pad, 1, nb, bq)[..., None]  # [B, nb, bq, 1]; padded rows attend nothing
+    # Block padding is zeroed through the masks, not trusted to be zero: a
+    # masked entry contributes 0 * value to matmuls, which is NaN for NaN.
+    zero = jnp.zeros((), q.dtype)
+    q_loc = jnp.where(row_ok[:, None], _blocks(qt, 2, nb, bq), zero)  # [B, N, nb, bq, H]
+    k_slab = jnp.where(key_ok[:, None, :, :, None], _slabs(kt, 2, nb, bq, nl, nr), zero)
+    v_slab = jnp.where(key_ok[:, None, :, :, None], _slabs(vt, 2, nb, bq, nl, nr), zero)
     # Relative offset j - i depends only on (row in block, column in slab).
     rel = (jnp.arange(kw)[None, :] - nl * bq) - jnp.arange(bq)[:, None]  # [bq, kw]
     win = (rel >= -left) & (rel <= right)
-    row_ok = pad_rows(pad, Tp).reshape(B, nb, bq, 1)  # padded rows attend nothing
-    m_loc = win[None, None] & key_ok[:, :, None, :] & row_ok  # [B, nb, bq, kw]
-    m_loc = m_loc[:, None]  # [B, 1, nb, bq, kw]
-    s_loc = jnp.einsum("bcqnh,bcknh->bncqk", q_loc, k_slab,
-                       preferred_element_type=_F32) * scale
+    m_loc = (win[None, None] & key_ok[:, :, None, :] & row_ok)[:, None]  # [B, 1, nb, bq, kw]
+    s_loc = jnp.einsum("bncqh,bnckh->bncqk", q_loc, k_slab, preferred_element_type=_F32) * scale
     s_loc = jnp.where(m_loc, s_loc, -jnp.inf)
-    row_max = _row_stat(jnp.max(s_loc, axis=-1).reshape(B, N, Tp), T)  # [B, N, T]
+    row_max = jnp.max(s_loc, axis=-1).reshape(B, N, nb * bq)[..., :T]  # [B, N, T]
 
     qpos = jnp.arange(T)
     # ---- global columns ---------------------------------------------------
     if G > 0:
         gpos, gvalid, gcount = gather_global_positions(glob, G)  # [B, G]
-        bidx = jnp.arange(B)[:, None]
-        k_g = kz[bidx, gpos]  # [B, G, N, H]
-        v_g = vz[bidx, gpos]
+        gidx = gpos[:, None, :, None]
+        k_g = jnp.take_along_axis(kt, gidx, axis=2)  # [B, N, G, H]
+        v_g = jnp.take_along_axis(vt, gidx, axis=2)
         rel_g = gpos[:, None, :] - qpos[None, :, None]  # [B, T, G]
-        in_win = (rel_g >= -left) & (rel_g <= right)
-        m_gc = gvalid[:, None, :] & ~in_win & pad[:, :, None]
+        m_gc = gvalid[:, None, :] & ~((rel_g >= -left) & (rel_g <= right)) & pad[:, :, None]
         if is_causal:
             m_gc = m_gc & (rel_g <= 0)
         m_gc = m_gc[:, None]  # [B, 1, T, G]
-        s_gc = jnp.einsum("btnh,bgnh->bntg", qz, k_g, preferred_element_type=_F32) * scale
+        s_gc = jnp.einsum("bnth,bngh->bntg", qt, k_g, preferred_element_type=_F32) * scale
         s_gc = jnp.where(m_gc, s_gc, -jnp.inf)
         row_max = jnp.maximum(row_max, jnp.max(s_gc, axis=-1))
 
@@ -228,71 +233,64 @@ def global_local_attention(
     if rb is not None:
         bs = block_size
         nbr = -(-T // bs)
-        Tr = nbr * bs
         r = rb.shape[-1]
         rbb = jnp.broadcast_to(rb, (B, N, nbr, r))
         # A block drawn twice for the same query block counts once.
         dup = jnp.any(
             (rbb[..., :, None] == rbb[..., None, :])
             & (jnp.arange(r)[:, None] > jnp.arange(r)[None, :]), axis=-1)  # [B, N, nbr, r]
-        kpos_r = rbb[..., None] * bs + jnp.arange(bs)  # [B, N, nbr, r, bs]
-        kpos_r = kpos_r.reshape(B, N, nbr, r * bs)
+        kpos_r = (rbb[..., None] * bs + jnp.arange(bs)).reshape(B, N, nbr, r * bs)
         kpos_c = jnp.minimum(kpos_r, T - 1)
         bidx4 = jnp.arange(B)[:, None, None, None]
         nidx4 = jnp.arange(N)[None, :, None, None]
-        k_r = kz[bidx4, kpos_c, nidx4]  # [B, N, nbr, r*bs, H]
-        v_r = vz[bidx4, kpos_c, nidx4]
+        k_r = kt[bidx4, nidx4, kpos_c]  # [B, N, nbr, r*bs, H]
+        v_r = vt[bidx4, nidx4, kpos_c]
         ok_r = (kpos_r < T) & pad[bidx4, kpos_c] & ~jnp.repeat(dup, bs, axis=-1)
         if glob is not None:
             ok_r = ok_r & ~glob[bidx4, kpos_c]
-        qpos_r = jnp.arange(Tr).reshape(nbr, bs)  # [nbr, bs]
-        rel_r = kpos_r[:, :, :, None, :] - qpos_r[None, None, :, :, None]  # [B,N,nbr,bs,r*bs]
-        row_ok_r = pad_rows(pad, Tr).reshape(B, 1, nbr, bs, 1)
+        qpos_r = jnp.arange(nbr * bs).reshape(nbr, bs)
+        rel_r = kpos_r[:, :, :, None, :] - qpos_r[None, None, :, :, None]  # [B, N, nbr, bs, r*bs]
+        row_ok_r = _blocks(pad, 1, nbr, bs)[:, None, :, :, None]
         m_r = ok_r[:, :, :, None, :] & row_ok_r & ~((rel_r >= -left) & (rel_r <= right))
         if is_causal:
             m_r = m_r & (rel_r <= 0)
-        q_r = pad_rows(qz, Tr).reshape(B, nbr, bs, N, H)
-        s_r = jnp.einsum("bcqnh,bnckh->bncqk", q_r, k_r, preferred_element_type=_F32) * scale
+        q_r = jnp.where(row_ok_r[..., 0, None], _blocks(qt, 2, nbr, bs), zero)  # [B, N, nbr, bs, H]
+        s_r = jnp.einsum("bncqh,bnckh->bncqk", q_r, k_r, preferred_element_type=_F32) * scale
         s_r = jnp.where(m_r, s_r, -jnp.inf)
-        row_max = jnp.maximum(row_max, _row_stat(jnp.max(s_r, axis=-1).reshape(B, N, Tr), T))
+        row_max = jnp.maximum(row_max, jnp.max(s_r, axis=-1).reshape(B, N, nbr * bs)[..., :T])
 
     # ---- joint softmax ----------------------------------------------------
     if sinks is not None:
         row_max = jnp.maximum(row_max, sinks[None, :, None])
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    row_max = jax.lax.stop_gradient(row_max)  # any shift is exact; keep it out of autodiff
+    row_max = _safe_max(row_max)
 
-    m5 = _to_rows(row_max, Tp).reshape(B, N, nb, bq, 1)
-    p_loc = jnp.where(m_loc, jnp.exp(s_loc - m5), 0.0)
-    denom = _row_stat(jnp.sum(p_loc, axis=-1).reshape(B, N, Tp), T)
-    o = jnp.einsum("bncqk,bcknh->bcqnh", p_loc.astype(v.dtype), v_slab,
-                   preferred_element_type=_F32).reshape(B, Tp, N, H)[:, :T]
+    p_loc = jnp.where(m_loc, jnp.exp(s_loc - _blocks(row_max, 2, nb, bq)[..., None]), 0.0)
+    denom = jnp.sum(p_loc, axis=-1).reshape(B, N, nb * bq)[..., :T]
+    o = jnp.einsum("bncqk,bnckh->bncqh", p_loc.astype(v.dtype), v_slab,
+                   preferred_element_type=_F32).reshape(B, N, nb * bq, H)[:, :, :T]
     if G > 0:
         p_gc = jnp.where(m_gc, jnp.exp(s_gc - row_max[..., None]), 0.0)
         denom = denom + jnp.sum(p_gc, axis=-1)
-        o = o + jnp.einsum("bntg,bgnh->btnh", p_gc.astype(v.dtype), v_g,
+        o = o + jnp.einsum("bntg,bngh->bnth", p_gc.astype(v.dtype), v_g,
                            preferred_element_type=_F32)
     if rb is not None:
-        m5r = _to_rows(row_max, Tr).reshape(B, N, nbr, bs, 1)
-        p_r = jnp.where(m_r, jnp.exp(s_r - m5r), 0.0)
-        denom = denom + _row_stat(jnp.sum(p_r, axis=-1).reshape(B, N, Tr), T)
-        o_r = jnp.einsum("bncqk,bnckh->bcqnh", p_r.astype(v.dtype), v_r,
-                         preferred_element_type=_F32).reshape(B, Tr, N, H)[:, :T]
-        o = o + o_r
+        p_r = jnp.where(m_r, jnp.exp(s_r - _blocks(row_max, 2, nbr, bs)[..., None]), 0.0)
+        denom = denom + jnp.sum(p_r, axis=-1).reshape(B, N, nbr * bs)[..., :T]
+        o = o + jnp.einsum("bncqk,bnckh->bncqh", p_r.astype(v.dtype), v_r,
+                           preferred_element_type=_F32).reshape(B, N, nbr * bs, H)[:, :, :T]
     if sinks is not None:
         denom = denom + jnp.exp(sinks[None, :, None] - row_max)
     denom = jnp.where(denom > 0, denom, 1.0)
-    out = o / jnp.transpose(denom, (0, 2, 1))[..., None]
+    out = jnp.transpose(o / denom[..., None], (0, 2, 1, 3))  # [B, T, N, H]
 
     # ---- global rows: full attention for G rows, written over -------------
     if G > 0:
         if global_qkv is not None:
-            qg_src, kg_src, vg_src = (jnp.where(keep, x, jnp.zeros((), x.dtype)) for x in global_qkv)
+            qg_t, kg_t, vg_t = (heads_first(x) for x in global_qkv)
         else:
-            qg_src, kg_src, vg_src = qz, kz, vz
-        bidx = jnp.arange(B)[:, None]
-        q_rows = qg_src[bidx, gpos]  # [B, G, N, H]
-        s_gr = jnp.einsum("bgnh,bsnh->bngs", q_rows, kg_src, preferred_element_type=_F32) * scale
+            qg_t, kg_t, vg_t = qt, kt, vt
+        q_rows = jnp.take_along_axis(qg_t, gpos[:, None, :, None], axis=2)  # [B, N, G, H]
+        s_gr = jnp.einsum("bngh,bnsh->bngs", q_rows, kg_t, preferred_element_type=_F32) * scale
         m_gr = gvalid[:, :, None] & pad[:, None, :]  # [B, G, T]
         if is_causal:
             m_gr = m_gr & (qpos[None, None, :] <= gpos[:, :, None])
@@ -301,19 +299,24 @@ def global_local_attention(
         mx = jnp.max(s_gr, axis=-1)
         if sinks is not None:
             mx = jnp.maximum(mx, sinks[None, :, None])
-        mx = jax.lax.stop_gradient(jnp.where(jnp.isfinite(mx), mx, 0.0))
+        mx = _safe_max(mx)
         p_gr = jnp.where(m_gr, jnp.exp(s_gr - mx[..., None]), 0.0)
         den_g = jnp.sum(p_gr, axis=-1)
         if sinks is not None:
             den_g = den_g + jnp.exp(sinks[None, :, None] - mx)
         den_g = jnp.where(den_g > 0, den_g, 1.0)
-        o_gr = jnp.einsum("bngs,bsnh->bgnh", p_gr.astype(vg_src.dtype), vg_src,
-                          preferred_element_type=_F32)
-        o_gr = o_gr / jnp.transpose(den_g, (0, 2, 1))[..., None]
+        o_gr = jnp.einsum("bngs,bnsh->bngh", p_gr.astype(vg_t.dtype), vg_t,
+                          preferred_element_type=_F32) / den_g[..., None]
         slot_pos = jnp.where(gvalid, gpos, T)  # T = out of range, dropped
-        out = out.at[bidx, slot_pos].set(o_gr, mode="drop")
+        out = out.at[jnp.arange(B)[:, None], slot_pos].set(
+            jnp.transpose(o_gr, (0, 2, 1, 3)), mode="drop")
         # Over capacity inside jit: poison the example rather than truncate it.
         out = jnp.where((gcount > G)[:, None, None, None], jnp.nan, out)
+
+    elif glob is not None:
+        # Capacity 0 with a traced mask: any global is over capacity (see above).
+        over = jnp.any(glob, axis=-1)
+        out = jnp.where(over[:, None, None, None], jnp.nan, out)
 
     out = jnp.where(keep, out, 0.0)
     return out.astype(q.dtype)

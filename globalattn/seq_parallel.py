@@ -73,16 +73,14 @@ def _exchange_halos(k: Array, v: Array, pad: Array, cfg: _Cfg) -> Tuple[Array, A
     non-cyclic ppermute fills unreceived slots with zeros), so they are never
     attended.
     """
-    ks, vs, ms = [], [], []
+    parts = [(k, v, pad)]
     if cfg.left:
-        send = (k[:, cfg.C - cfg.left:], v[:, cfg.C - cfg.left:], pad[:, cfg.C - cfg.left:])
-        kl, vl, ml = jax.lax.ppermute(send, cfg.axis, [(i, i + 1) for i in range(cfg.P - 1)])
-        ks.append(kl), vs.append(vl), ms.append(ml)
-    ks.append(k), vs.append(v), ms.append(pad)
+        tail = tuple(x[:, cfg.C - cfg.left:] for x in (k, v, pad))
+        parts.insert(0, jax.lax.ppermute(tail, cfg.axis, [(i, i + 1) for i in range(cfg.P - 1)]))
     if cfg.right:
-        send = (k[:, :cfg.right], v[:, :cfg.right], pad[:, :cfg.right])
-        kr, vr, mr = jax.lax.ppermute(send, cfg.axis, [(i + 1, i) for i in range(cfg.P - 1)])
-        ks.append(kr), vs.append(vr), ms.append(mr)
+        head = tuple(x[:, :cfg.right] for x in (k, v, pad))
+        parts.append(jax.lax.ppermute(head, cfg.axis, [(i + 1, i) for i in range(cfg.P - 1)]))
+    ks, vs, ms = zip(*parts)
     return (jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1),
             jnp.concatenate(ms, axis=1))
 
@@ -361,9 +359,11 @@ def sequence_parallel_global_local_attention(
     m_spec = PartitionSpec(batch_axis, seq_axis)
     args, specs = [q, k, v, pad], [x_spec, x_spec, x_spec, m_spec]
     if cfg.has_glob:
-        args.append(glob), specs.append(m_spec)
+        args += [glob]
+        specs += [m_spec]
     if cfg.has_sinks:
-        args.append(sinks), specs.append(PartitionSpec(head_axis))
+        args += [sinks]
+        specs += [PartitionSpec(head_axis)]
     if cfg.has_gqkv:
         args += list(global_qkv)
         specs += [x_spec] * 3

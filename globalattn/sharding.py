@@ -110,6 +110,9 @@ def comm_bytes_per_layer(
     * global_rows   = a B G (N H 4 + 2 N 4)               [f32 outputs; max; denominators]
     * ring          = (P-1) B C (2 N H s + 1)             [k, v, pad flags of every chunk]
 
+    ``max_globals=0`` stands for "no global_mask" (a global_mask with G = 0
+    still all-gathers the counts, ``(P-1) B 4`` bytes, to detect overflow).
+
     ``ours`` has no T in it; ``ring`` grows linearly with T. The test suite
     checks ``ours`` against the collectives in the compiled HLO. The backward
     pass roughly doubles both (each collective has a transposed partner).

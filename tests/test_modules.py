@@ -51,13 +51,21 @@ def _inputs():
     return tokens, pm, seg
 
 
+# Tiny models: compile time dominates, and XLA's backend optimisations buy nothing.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _jit(f, **kw):
+    return jax.jit(f, compiler_options=_FAST_COMPILE, **kw)
+
+
 class Built:
     def __init__(self, overrides):
         self.cfg = _cfg(overrides)
         self.model = build_model(self.cfg)
         tokens, pm, seg = _inputs()
-        self.variables = nn.unbox(jax.jit(self.model.init)(jax.random.key(0), tokens, pm, seg))
-        self.apply = jax.jit(self.model.apply, static_argnames=("deterministic",))
+        self.variables = nn.unbox(_jit(self.model.init)(jax.random.key(0), tokens, pm, seg))
+        self.apply = _jit(self.model.apply, static_argnames=("deterministic",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,23 +90,24 @@ def _finite(tree):
 # scan, dtype and projection options are spread over them so each is built.
 CASES = {
     "none": {"strategy.name": "none", "pooling": "mean"},
-    "none_interleaved": {"strategy.name": "none", "attention_schedule": "interleaved",
-                         "local_per_full": 1, "head": "token"},
     "cls": {"strategy.name": "cls", "global_projections": True},
     "first": {"strategy.name": "first", "strategy.num_globals": 3, "head": "token",
-              "remat": True, "dtype": "bfloat16"},
-    "first_last": {"strategy.name": "first_last", "head": "span", "scan": True},
+              "remat": True, "dtype": "bfloat16", "dropout": 0.1},
+    # Gemma-style schedule (global-local, full, ...), scanned and rematerialised.
+    "first_last": {"strategy.name": "first_last", "head": "span", "num_layers": 4,
+                   "attention_schedule": "interleaved", "local_per_full": 1, "scan": True,
+                   "remat": True},
     "periodic": {"strategy.name": "periodic", "strategy.period": 8, "strategy.num_globals": 3,
                  "pooling": "globals"},
     "task": {"strategy.name": "task", "strategy.num_globals": 8, "head": "span"},
     "bigbird": {"strategy.name": "bigbird", "strategy.block_size": 4,
                 "strategy.num_random_blocks": 1, "head": "token", "global_projections": True},
-    "extra": {"strategy.name": "extra", "strategy.num_globals": 2, "pooling": "globals",
+    "extra": {"strategy.name": "extra", "strategy.num_globals": 16, "pooling": "globals",
               "strategy.drop_output": False},
     "sinks": {"strategy.name": "sinks", "strategy.num_globals": 1, "strategy.sink_logits": True,
               "head": "lm", "causal": True},
     "perceiver": {"arch": "perceiver", "perceiver.num_latents": 8},
-    "perceiver_token": {"arch": "perceiver", "perceiver.num_latents": 8, "head": "token",
+    "perceiver_token": {"arch": "perceiver", "perceiver.num_latents": 16, "head": "token",
                         "perceiver.share_weights": True},
 }
 
@@ -121,10 +130,10 @@ def test_builds_and_runs_forward(case):
         assert out.shape == want[head]
     assert all(o.dtype == jnp.float32 for o in jax.tree.leaves(out))
     _finite(out)
-    # Training mode: dropout and (BigBird) resampled random blocks.
-    out_train = b.apply(b.variables, tokens, pm, seg, deterministic=False,
-                        rngs={"dropout": jax.random.key(1), "random_blocks": jax.random.key(2)})
-    _finite(out_train)
+    if case in ("bigbird", "first"):  # training mode: resampled random blocks, dropout
+        out_train = b.apply(b.variables, tokens, pm, seg, deterministic=False,
+                            rngs={"dropout": jax.random.key(1), "random_blocks": jax.random.key(2)})
+        _finite(out_train)
 
 
 # ---------------------------------------------------------------------------
@@ -233,8 +242,7 @@ def _layer_masks(b, gt, ext_pad, ext_glob):
     return masks
 
 
-RF_CASES = ["none", "none_interleaved", "cls", "first_last", "periodic", "task", "bigbird",
-            "extra", "sinks"]
+RF_CASES = ["none", "cls", "first_last", "periodic", "task", "bigbird", "extra", "sinks"]
 
 
 @pytest.mark.parametrize("case", RF_CASES)
@@ -248,7 +256,7 @@ def test_receptive_field_matches_composed_pattern(case):
         return b.model.apply(b.variables, x, pm, seg, num_active_globals=n,
                              method="encode_embeddings")
 
-    @jax.jit
+    @_jit
     def dependence(x):
         h, vjp_fn, gt = jax.vjp(f, x, has_aux=True)
         Tp = h.shape[1]
@@ -288,3 +296,160 @@ def test_receptive_field_matches_composed_pattern(case):
         assert bool(nz[0, 23, 0, 10])
     if case == "none":
         assert not bool(nz[0, 23, 0, 10])
+
+
+# ---------------------------------------------------------------------------
+# Capacity: G slots with n active == a capacity-n model; vmap over n.
+# ---------------------------------------------------------------------------
+def _vmapped_over_counts(model, variables, counts):
+    tokens, pm, seg = _inputs()
+    f = lambda v, n: model.apply(v, tokens, pm, seg, num_active_globals=n)  # noqa: E731
+    return _jit(jax.vmap(f, in_axes=(None, 0)))(variables, jnp.asarray(counts, jnp.int32))
+
+
+def _slice_param(variables, path, n):
+    flat = traverse_util.flatten_dict(variables)
+    flat[path] = flat[path][:n]
+    return traverse_util.unflatten_dict(flat)
+
+
+# name: (config with capacity 16, capacity field, param to slice or None, variables from)
+CAPACITY_CASES = {
+    "extra": (CASES["extra"], "strategy.num_globals", ("params", "strategy", "global_tokens"),
+              "extra"),
+    # Periodic has no parameters: any token-head model's variables fit.
+    "periodic": ({"strategy.name": "periodic", "strategy.period": 6, "head": "token",
+                  "strategy.num_globals": 16}, "strategy.num_globals", None, "first"),
+    "perceiver": (CASES["perceiver_token"], "perceiver.num_latents",
+                  ("params", "perceiver", "latents"), "perceiver_token"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CAPACITY_CASES))
+def test_padded_capacity_equals_smaller_model(case):
+    """Capacity 16 with n active == capacity 4 with n active, vmapped over n."""
+    big_cfg, field, shared, source = CAPACITY_CASES[case]
+    variables = _built(**CASES[source]).variables
+    big = build_model(_cfg(big_cfg))
+    small = build_model(_cfg({**big_cfg, field: 4}))
+    small_vars = variables if shared is None else _slice_param(variables, shared, 4)
+    counts = [0, 1, 2, 4]
+    out_big = _vmapped_over_counts(big, variables, counts)
+    out_small = _vmapped_over_counts(small, small_vars, counts)
+    _finite((out_big, out_small))
+    np.testing.assert_allclose(out_big, out_small, atol=2e-5, rtol=2e-5)
+    assert not np.allclose(out_big[1], out_big[3], atol=1e-4)  # the count matters
+    if case == "extra":  # a vmapped slice equals a plain call (all 4 slots active)
+        tokens, pm, seg = _inputs()
+        direct = _jit(small.apply)(small_vars, tokens, pm, seg)
+        np.testing.assert_allclose(out_small[3], direct, atol=2e-5, rtol=2e-5)
+
+
+def test_one_trace_for_any_global_count_and_padding():
+    b = _built(**CASES["extra"])
+    tokens, _, seg = _inputs()
+
+    @_jit
+    @chex.assert_max_traces(n=1)
+    def f(v, pm, n):
+        return b.model.apply(v, tokens, pm, seg, num_active_globals=n)
+
+    for n, lengths in [(0, (24, 3)), (2, (5, 24)), (1, (24, 0))]:
+        pm = jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None]
+        _finite(f(b.variables, pm, jnp.int32(n)))
+
+
+# ---------------------------------------------------------------------------
+# Degenerate patterns equal full attention.
+# ---------------------------------------------------------------------------
+def test_window_covering_sequence_equals_full_attention():
+    base = {"strategy.name": "cls", "window": 32, "head": "token"}
+    variables = _built(**CASES["first"]).variables  # same parameter structure
+    gl = build_model(_cfg(base))
+    full = build_model(_cfg({**base, "attention_schedule": "full"}))
+    tokens, pm, seg = _inputs()
+    out_gl = _jit(gl.apply)(variables, tokens, pm, seg)
+    out_full = _jit(full.apply)(variables, tokens, pm, seg)
+    _finite(out_gl)
+    np.testing.assert_allclose(out_gl, out_full, atol=2e-5, rtol=2e-5)
+
+
+def test_causal_attention_module_with_covering_window_equals_full():
+    tokens, pm, _ = _inputs()
+    x = jax.random.normal(jax.random.key(4), (B, T, 16))
+    glob = patterns.cls(pm)
+    mod = GlobalLocalSelfAttention(num_heads=2, window=T, causal=True, max_globals=1,
+                                   sink_logits=True, global_projections=True)
+    v = nn.unbox(_jit(mod.init)(jax.random.key(0), x, pm, glob))
+    v = {"params": {**v["params"], "sinks": jnp.array([0.5, -1.0])}}
+    # Full layers have no global projections; they take the local ones.
+    v_full = {"params": {k: p for k, p in v["params"].items() if not k.endswith("_global")}}
+    out = _jit(mod.apply)(v, x, pm, glob)
+    out_full = _jit(mod.clone(kind="full").apply)(v_full, x, pm, glob)
+    _finite(out)
+    np.testing.assert_allclose(out, out_full, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------
+# Perceiver.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["perceiver", "perceiver_token"])
+def test_perceiver_ignores_padded_inputs(case):
+    b = _built(**CASES[case])
+    tokens, pm, seg = _inputs()
+    other = jnp.where(pm, tokens, (tokens + 5) % SMALL["vocab_size"])
+    other_seg = jnp.where(pm, seg, 1 - seg)
+    out = b.apply(b.variables, tokens, pm, seg)
+    out_other = b.apply(b.variables, other, pm, other_seg)
+    if b.cfg.head == "token":  # padded query positions are outputs nobody reads
+        out, out_other = out[pm], out_other[pm]
+    _finite(out)
+    np.testing.assert_allclose(out, out_other, atol=1e-6)
+
+
+def test_perceiver_latents_never_see_nan_padding():
+    b = _built(**CASES["perceiver"])
+    _, pm, _ = _inputs()
+    x = jax.random.normal(jax.random.key(2), (B, T, 16))
+    x_nan = jnp.where(pm[..., None], x, jnp.nan)
+
+    @_jit
+    def latents(x):
+        return b.model.apply(b.variables, x, pm,
+                             method=lambda m, x, pm: m.perceiver.encode(x, pm)[0])
+
+    z, z_nan = latents(x), latents(x_nan)
+    _finite(z_nan)
+    np.testing.assert_allclose(z, z_nan, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Encoder: scan and remat change nothing.
+# ---------------------------------------------------------------------------
+def _unstack(params, num_layers, period):
+    """Scanned ``encoder/layers/block_p[r]`` -> unrolled ``encoder/layer_{r*period+p}``."""
+    enc = dict(params["encoder"])
+    blocks = enc.pop("layers")
+    for i in range(num_layers):
+        r, p = divmod(i, period)
+        enc[f"layer_{i}"] = jax.tree.map(lambda x: x[r], blocks[f"block_{p}"])
+    return {**params, "encoder": enc}
+
+
+def test_scan_and_remat_match_unrolled_layers():
+    scanned = _built(**CASES["first_last"])
+    plain = build_model(_cfg({**CASES["first_last"], "scan": False, "remat": False}))
+    tokens, pm, seg = _inputs()
+    params = scanned.variables["params"]
+
+    def loss(model):
+        def f(p):
+            start, end = model.apply({"params": p}, tokens, pm, seg)
+            return jnp.sum(jnp.where(pm, start * end, 0.0))
+        return f
+
+    l1, g1 = _jit(jax.value_and_grad(loss(scanned.model)))(params)
+    l2, g2 = _jit(jax.value_and_grad(loss(plain)))(_unstack(params, 4, 2))
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    chex.assert_trees_all_close(_unstack(g1, 4, 2), g2, atol=1e-5, rtol=1e-4)
+    _finite(g1)

@@ -1,0 +1,38 @@
+"""Train one config: ``python -m experiments.train --config=configs/<file>.py[:arg] --workdir=DIR``.
+
+Any field can be overridden: ``--config.model.window=8 --config.optim.learning_rate=1e-3``.
+A misspelt field or a value of the wrong type is an error before anything
+runs; so is an inconsistent config (see globalattn.train.config.validate_config).
+Rerunning with the same workdir resumes from its newest checkpoint; SIGTERM
+(or Ctrl-C) saves a checkpoint and exits with status 0.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from globalattn.train.cli import parse_flags
+from globalattn.train.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/long_range.py[:quick].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"), usage=__doc__)
+    try:
+        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ValueError as err:
+        if str(err).startswith("invalid config"):
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    print({k: v for k, v in result.items() if not k.startswith("train/")})
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Checkpoints: orbax CheckpointManager, verified restore, and save-on-SIGTERM.
+
+One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
+
+* ``state``: ``{'train_state': TrainState, 'rng': uint32 key data}`` (orbax
+  StandardSave: params, optimizer state, step, non-finite counters, PRNG key);
+* ``data``: the grain iterator position, one JSON file per process;
+* ``meta``: JSON with the step, a :func:`~globalattn.train.state.fingerprint`
+  of ``state``, a signature of the state's layout, and the jax version / PRNG impl.
+
+Saves are asynchronous (device-to-host copy before ``save`` returns, writing in
+a background thread); errors of a background save surface at the next save or
+at :meth:`Checkpointer.close`. orbax writes into a temporary directory and
+renames it on commit, so an interrupted save leaves no step directory.
+
+Restore walks the steps from the newest: a step whose directory is empty or
+unreadable, or whose contents do not match the stored fingerprint, is moved to
+``<workdir>/corrupt_checkpoints/`` with a warning and the previous step is
+tried. A step written by a differently shaped model (a changed config) is an
+error, not corruption: its checkpoints are left alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import threading
+import time
+import warnings
+from typing import Any
+
+import grain
+import grain.checkpoint
+import jax
+import orbax.checkpoint as ocp
+
+from globalattn.train.state import fingerprint
+
+__all__ = ["Checkpointer", "CorruptCheckpointError", "PreemptionGuard", "state_signature"]
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint step exists but cannot be trusted."""
+
+
+def state_signature(abstract_payload: Any) -> str:
+    """A hash of the payload's tree structure, shapes and dtypes (not its values)."""
+    leaves, treedef = jax.tree.flatten(abstract_payload)
+    desc = repr(treedef) + "".join(f"|{tuple(x.shape)}:{x.dtype}" for x in leaves)
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """Saves and restores (train state, rng, data iterator) under ``directory``.
+
+    Args:
+      directory: the checkpoint root (created if missing).
+      max_to_keep: newest checkpoints kept; older ones are deleted after a save.
+      async_save: write in a background thread.
+      quarantine_dir: where corrupt step directories are moved.
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True,
+                 quarantine_dir: str | None = None):
+        self.directory = os.path.abspath(directory)
+        self.quarantine_dir = quarantine_dir or os.path.join(
+            os.path.dirname(self.directory), "corrupt_checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, payload: Any, iterator: grain.DataLoaderIterator,
+             signature: str) -> None:
+        """Starts saving ``payload`` and the iterator position as checkpoint ``step``."""
+        meta = {"step": int(step), "fingerprint": fingerprint(payload), "signature": signature,
+                "jax_version": jax.__version__,
+                "prng_impl": str(jax.config.jax_default_prng_impl), "time": time.time()}
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(payload),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta)))
+        self.manager.check_for_errors()
+
+    def restore_latest(self, abstract_payload: Any, iterator: grain.DataLoaderIterator,
+                       signature: str) -> tuple[int, Any] | None:
+        """``(step, payload)`` of the newest trustworthy checkpoint, or None if there is none.
+
+        Sets ``iterator`` to the saved position. ``abstract_payload`` gives
+        shapes, dtypes and shardings (restoring onto another mesh works).
+
+        Raises:
+          ValueError: the newest readable checkpoint has another state layout.
+          RuntimeError: checkpoints exist but none could be restored.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                payload = self._restore_step(step, abstract_payload, iterator, signature)
+            except CorruptCheckpointError as err:
+                moved = self._quarantine(step)
+                warnings.warn(f"skipping checkpoint step {step} in {self.directory}: {err}; "
+                              f"moved it to {moved}; trying the previous one", stacklevel=2)
+                continue
+            return step, payload
+        if steps:
+            raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be "
+                               f"restored (moved to {self.quarantine_dir}); refusing to restart "
+                               "from scratch silently: delete the workdir to start afresh")
+        return None
+
+    def _restore_step(self, step: int, abstract_payload: Any,
+                      iterator: grain.DataLoaderIterator, signature: str) -> Any:
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001 -- any failure to read means corrupt
+            raise CorruptCheckpointError(f"its metadata is unreadable ({type(err).__name__}: "
+                                         f"{_short(err)})") from err
+        if not isinstance(meta, dict) or meta.get("step") != step or "fingerprint" not in meta:
+            raise CorruptCheckpointError(f"its metadata {meta!r} does not describe step {step}")
+        if meta.get("signature") != signature:
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} holds a state of another layout "
+                f"(signature {meta.get('signature')} != {signature}): the model or optimizer "
+                "config changed since it was written; use a new --workdir")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_payload),
+                data=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as err:  # noqa: BLE001
+            raise CorruptCheckpointError(
+                f"its contents are unreadable ({type(err).__name__}: {_short(err)})") from err
+        payload = restored["state"]
+        got = fingerprint(payload)
+        if got != meta["fingerprint"]:
+            raise CorruptCheckpointError(f"its contents changed after saving (fingerprint "
+                                         f"{got} != saved {meta['fingerprint']})")
+        return payload
+
+    def _quarantine(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.quarantine_dir, f"{step}.{int(time.time() * 1000)}")
+        if jax.process_index() == 0 and os.path.exists(src):
+            os.makedirs(self.quarantine_dir, exist_ok=True)
+            shutil.move(src, dst)
+        self.manager.reload()
+        return dst
+
+    def wait(self) -> None:
+        """Blocks until pending saves are committed; raises a background save's error."""
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    text = text[0] if text else ""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and SIGINT) into a flag the train loop checks between steps.
+
+    The loop then saves a checkpoint and returns, instead of dying mid-write.
+    A second SIGINT falls through to the previous handler (Ctrl-C twice
+    interrupts at once). Handlers are only installed from the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def triggered(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self.signal = signum
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,428 @@
+"""The experiment config schema, loading, overrides, sweeps and cross-field validation.
+
+Every file in ``configs/`` starts from :func:`base_config`, sets what differs,
+and locks it, so a misspelt override (``--config.optim.lerning_rate``) fails
+with a "did you mean" instead of training with the default. Fields left as
+``None`` placeholders (``model.vocab_size``, ``model.num_classes``,
+``model.max_len``, ``eval_batch_size``) are filled from the task's metadata by
+:func:`validate_config`, so changing ``data.config`` alone (e.g. ``t64`` ->
+``t128``) gives a consistent model.
+
+:func:`validate_config` is the one place where fields are checked against each
+other (window vs sequence length, globals vs capacity, batch vs devices, ...);
+every error names the values involved, and all errors are reported at once.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import numbers
+import os
+import types
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from globalattn import data as data_lib
+from globalattn.modules import build_model, default_model_config
+
+__all__ = [
+    "RunSpec",
+    "apply_overrides",
+    "base_config",
+    "check_arg",
+    "load_config",
+    "load_config_module",
+    "shrink_for_tests",
+    "sweep_configs",
+    "validate_config",
+]
+
+# Task kind (TaskMetadata.kind) -> the model head that fits it.
+HEAD_FOR_KIND = {"classification": "classify", "token": "token", "span": "span"}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All experiment fields with defaults; unlocked (experiment files lock it)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # init, dropout / random-block keys and the data shuffle order
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "long_range_retrieval"  # a key of globalattn.data.BUILDERS
+    c.data.config = "t64"  # a builder config name of that task
+    c.data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.prepend_cls = False  # put the task's CLS id at position 0 (ListOps needs it)
+    c.data.eval_splits = ("validation",)  # evaluated every eval_every steps
+    c.data.final_eval_splits = ("validation", "test")  # evaluated once at the end
+
+    model = default_model_config()
+    model.unlock()
+    # None = from the task (see validate_config); an explicit value is checked instead.
+    model.vocab_size = config_dict.placeholder(int)
+    model.num_classes = config_dict.placeholder(int)
+    model.max_len = config_dict.placeholder(int)
+    c.model = model
+    c.num_active_globals = config_dict.placeholder(int)  # None = all G slots active
+
+    c.batch_size = 32  # global (all processes, all devices)
+    c.eval_batch_size = config_dict.placeholder(int)  # None = batch_size
+    c.num_train_steps = 400
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3  # peak, reached after warmup
+    c.optim.warmup_steps = 40  # linear from 0
+    c.optim.end_learning_rate_factor = 0.0  # cosine decay ends at peak * this
+    c.optim.weight_decay = 0.01  # decoupled (AdamW), matrices only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 disables it
+
+    c.nonfinite = ml_collections.ConfigDict()
+    c.nonfinite.max_consecutive = 10  # stop with an error after this many skipped steps in a row
+    c.nonfinite.inject_at_steps = ()  # fault injection: steps whose loss is made NaN (tests)
+
+    c.log_every = 20
+    c.eval_every = 0  # 0 = evaluate at the end only
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200  # 0 = only at the end and on SIGTERM
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis; -1 = all devices left over (a smaller mesh is allowed)
+    c.mesh.model = 1  # tensor-parallel axis (heads, mlp, vocab)
+    c.tensorboard = True
+    return c
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and overriding.
+
+
+def load_config_module(path: str) -> types.ModuleType:
+    """Imports a config file by path (``configs/long_range.py``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    name = "_globalattn_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path!r} has no get_config(arg=None)")
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``'configs/x.py[:arg]'`` -> ``get_config(arg)``, as ``--config=`` reads it."""
+    path, _, arg = spec.partition(":")
+    return load_config_module(path).get_config(arg or None)
+
+
+def _suggest(key: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f'; did you mean "{close[0]}"?' if close else f"; valid: {sorted(options)}"
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+                    ) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted-path overrides (``{'model.window': 8}``).
+
+    Same semantics as ``--config.a.b=v`` on the command line: the path must
+    exist and the value must have the field's type (ints widen to floats).
+
+    Raises:
+      KeyError: an unknown path, with the closest valid name.
+      TypeError: a value of the wrong type, naming the path.
+    """
+    out = copy.deepcopy(config)
+    for path, value in overrides.items():
+        node, parts = out, path.split(".")
+        for i, part in enumerate(parts):
+            keys = list(node.keys())
+            if part not in keys:
+                where = ".".join(parts[:i]) or "config"
+                raise KeyError(f"{where} has no field {part!r} (override {path!r})"
+                               f"{_suggest(part, keys)}")
+            if i < len(parts) - 1:
+                node = node[part]
+        try:
+            setattr(node, parts[-1], value)
+        except TypeError as err:
+            raise TypeError(f"override {path}={value!r}: {err}") from None
+    return out
+
+
+def sweep_configs(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, Any]]
+                  ) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """``(name, config)`` for each entry of a config file's ``sweep()``.
+
+    Each entry maps dotted paths to values; the reserved key ``'name'`` names
+    the run (default: the overrides joined), and must be unique.
+    """
+    runs, seen = [], set()
+    for entry in sweep:
+        entry = dict(entry)
+        name = entry.pop("name", None) or ",".join(f"{k}={v}" for k, v in entry.items())
+        if name in seen:
+            raise ValueError(f"sweep run name {name!r} appears twice")
+        seen.add(name)
+        runs.append((name, apply_overrides(config, entry)))
+    return runs
+
+
+def call_sweep(module: types.ModuleType, arg: str | None) -> list[dict[str, Any]]:
+    """A config module's ``sweep(arg)`` (or ``sweep()``); [] if it defines none."""
+    fn: Callable | None = getattr(module, "sweep", None)
+    if fn is None:
+        return []
+    return list(fn(arg) if inspect.signature(fn).parameters else fn())
+
+
+# ---------------------------------------------------------------------------------------
+# Validation.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything validate_config derived from a config.
+
+    Attributes:
+      meta: the task's metadata (kind, vocab, classes, stored length).
+      seq_len: T of every batch (max_length, +1 with prepend_cls).
+      model_config: the full, locked model config (placeholders filled).
+      capacity: static global capacity G of the model (latents for Perceiver).
+      mesh_shape: ``{'data': d, 'model': m}`` with -1 resolved.
+      eval_batch_size: global eval batch size (placeholder resolved).
+      split_sizes: examples per split of the data config.
+    """
+
+    meta: data_lib.TaskMetadata
+    seq_len: int
+    model_config: ml_collections.ConfigDict
+    capacity: int
+    mesh_shape: dict[str, int]
+    eval_batch_size: int
+    split_sizes: dict[str, int]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _positive(errors: list[str], name: str, v: Any, lo: int = 1) -> None:
+    if not _is_int(v) or v < lo:
+        errors.append(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def _model_config(config: ml_collections.ConfigDict, meta: data_lib.TaskMetadata, seq_len: int,
+                  errors: list[str]) -> ml_collections.ConfigDict:
+    """The model config with task-derived placeholders filled; checks explicit values."""
+    m = config.model
+    derived = {"vocab_size": meta.vocab_size, "max_len": seq_len,
+               "num_classes": meta.num_classes or default_model_config().num_classes}
+    if m.vocab_size is not None and m.vocab_size < meta.vocab_size:
+        errors.append(f"model.vocab_size={m.vocab_size} < the vocabulary of "
+                      f"{config.data.name}/{config.data.config} ({meta.vocab_size}); leave it None")
+    if m.max_len is not None and m.max_len < seq_len:
+        errors.append(f"model.max_len={m.max_len} < sequence length T={seq_len} of "
+                      f"{config.data.name}/{config.data.config}; leave it None")
+    if (m.num_classes is not None and meta.num_classes is not None
+            and m.num_classes != meta.num_classes):
+        errors.append(f"model.num_classes={m.num_classes} but {config.data.name} has "
+                      f"{meta.num_classes} classes; leave it None")
+    want = HEAD_FOR_KIND[meta.kind]
+    if m.head != want:
+        errors.append(f"model.head={m.head!r} does not fit task {config.data.name!r} of kind "
+                      f"{meta.kind!r}; set --config.model.head={want}")
+    out = default_model_config()
+    for key in out.keys():
+        if key in derived and m[key] is None:
+            out[key] = derived[key]
+        elif isinstance(out[key], ml_collections.ConfigDict):
+            out[key] = m[key].to_dict()
+        else:
+            out[key] = m[key]
+    return out
+
+
+def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None,
+                    process_count: int | None = None) -> RunSpec:
+    """Checks a config as a whole and resolves its derived values.
+
+    Args:
+      config: an experiment config (see :func:`base_config`).
+      device_count, process_count: default ``jax.device_count()`` /
+        ``jax.process_count()`` (override to validate for another machine).
+
+    Raises:
+      ValueError: listing every problem found, each naming the values.
+    """
+    device_count = jax.device_count() if device_count is None else device_count
+    process_count = jax.process_count() if process_count is None else process_count
+    errors: list[str] = []
+
+    # Scalars first: later checks use them.
+    if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+        errors.append(f"seed must be an int in [0, 2**32), got {config.seed!r}")
+    _positive(errors, "num_train_steps", config.num_train_steps)
+    _positive(errors, "log_every", config.log_every)
+    _positive(errors, "eval_every", config.eval_every, 0)
+    _positive(errors, "checkpoint.every_steps", config.checkpoint.every_steps, 0)
+    _positive(errors, "checkpoint.max_to_keep", config.checkpoint.max_to_keep)
+    _positive(errors, "nonfinite.max_consecutive", config.nonfinite.max_consecutive)
+    o = config.optim
+    if not o.learning_rate > 0:
+        errors.append(f"optim.learning_rate must be > 0, got {o.learning_rate}")
+    _positive(errors, "optim.warmup_steps", o.warmup_steps, 0)
+    if _is_int(o.warmup_steps) and _is_int(config.num_train_steps) \
+            and o.warmup_steps > config.num_train_steps:
+        errors.append(f"optim.warmup_steps={o.warmup_steps} > num_train_steps="
+                      f"{config.num_train_steps}: the peak learning rate is never reached")
+    if not 0.0 <= o.end_learning_rate_factor <= 1.0:
+        errors.append(f"optim.end_learning_rate_factor must be in [0, 1], got "
+                      f"{o.end_learning_rate_factor}")
+    # clip_by_global_norm(0) turns every update into NaN (optax), so 0 means "off".
+    if o.grad_clip_norm < 0:
+        errors.append(f"optim.grad_clip_norm must be >= 0 (0 disables clipping), got "
+                      f"{o.grad_clip_norm}")
+    if o.weight_decay < 0:
+        errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if not all(_is_int(s) and s >= 0 for s in config.nonfinite.inject_at_steps):
+        errors.append(f"nonfinite.inject_at_steps must be step numbers >= 0, got "
+                      f"{config.nonfinite.inject_at_steps}")
+
+    # Devices: mesh and batch sizes.
+    d, mp = config.mesh.data, config.mesh.model
+    mesh_shape = {}
+    if not _is_int(mp) or mp < 1:
+        errors.append(f"mesh.model must be a positive int, got {mp!r}")
+    elif not _is_int(d) or (d != -1 and d < 1):
+        errors.append(f"mesh.data must be -1 or a positive int, got {d!r}")
+    elif d == -1 and device_count % mp:
+        errors.append(f"mesh.model={mp} does not divide the {device_count} devices, so "
+                      "mesh.data=-1 cannot take the rest; set mesh.data explicitly")
+    else:
+        d = device_count // mp if d == -1 else d
+        if d * mp > device_count:
+            errors.append(f"mesh data={d} x model={mp} = {d * mp} devices, but there are only "
+                          f"{device_count}; use mesh.data=-1 to take all that are left")
+        else:  # an explicit smaller mesh uses the first d * mp devices
+            mesh_shape = {"data": d, "model": mp}
+    eval_bs = config.batch_size if config.eval_batch_size is None else config.eval_batch_size
+    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
+        _positive(errors, name, bs)
+        if _is_int(bs) and mesh_shape and bs % mesh_shape["data"]:
+            errors.append(f"{name}={bs} is not divisible by the {mesh_shape['data']} data-parallel "
+                          f"devices (mesh.data); use a multiple of {mesh_shape['data']}")
+        if _is_int(bs) and bs % process_count:
+            errors.append(f"{name}={bs} is not divisible by the {process_count} processes")
+
+    # Data: the task config, its splits and its length.
+    try:
+        task_cfg = data_lib.resolve_config(config.data.name, config.data.config)
+    except ValueError as err:
+        errors.append(f"data: {err}")
+        raise ValueError(_format(errors)) from None
+    meta = task_cfg.metadata()
+    split_sizes = task_cfg.split_sizes()
+    for field in ("eval_splits", "final_eval_splits"):
+        missing = [s for s in config.data[field] if s not in split_sizes]
+        if missing:
+            errors.append(f"data.{field} {missing} not in the splits of {config.data.name}/"
+                          f"{config.data.config}: {sorted(split_sizes)}")
+    if "train" not in split_sizes:
+        errors.append(f"{config.data.name}/{config.data.config} has no train split")
+    if config.data.prepend_cls and meta.cls_id is None:
+        errors.append(f"data.prepend_cls=True but task {config.data.name!r} has no CLS token")
+    seq_len = meta.max_length + int(bool(config.data.prepend_cls))
+
+    # Model: derived fields, then the model's own checks, then model vs data.
+    model_cfg = _model_config(config, meta, seq_len, errors)
+    capacity = 0
+    try:
+        model = build_model(model_cfg)
+        capacity = (model.perceiver.num_latents if model_cfg.arch == "perceiver"
+                    else model.strategy.capacity)
+    except ValueError as err:
+        errors.append(f"model: {err}")
+        model = None
+    if mesh_shape and mesh_shape["model"] > 1:
+        for name in ("num_heads", "mlp_dim"):
+            if _is_int(model_cfg[name]) and model_cfg[name] % mesh_shape["model"]:
+                errors.append(f"model.{name}={model_cfg[name]} is not divisible by "
+                              f"mesh.model={mesh_shape['model']} (tensor-parallel axis)")
+    if model is not None:
+        errors += _model_vs_data(config, model_cfg, task_cfg, seq_len, capacity)
+    if errors:
+        raise ValueError(_format(errors))
+    model_cfg.lock()
+    return RunSpec(meta=meta, seq_len=seq_len, model_config=model_cfg, capacity=capacity,
+                   mesh_shape=mesh_shape, eval_batch_size=eval_bs, split_sizes=split_sizes)
+
+
+def _model_vs_data(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
+                   task_cfg: data_lib.TaskConfig, seq_len: int, capacity: int) -> list[str]:
+    errors = []
+    s = m.strategy
+    encoder = m.arch == "encoder"
+    # A window that already spans the sequence makes every global token redundant, so a
+    # "global vs window" comparison would silently compare two dense models.
+    if encoder and s.name != "bigbird" and m.attention_schedule != "full" and m.window >= seq_len - 1:
+        errors.append(f"model.window={m.window} >= T-1={seq_len - 1}: every token already sees the "
+                      f"whole sequence; use model.attention_schedule='full' for a dense baseline")
+    if encoder and s.name == "bigbird" and s.block_size > seq_len:
+        errors.append(f"model.strategy.block_size={s.block_size} > sequence length T={seq_len}")
+    if encoder and s.name in ("first", "periodic") and s.num_globals > seq_len:
+        errors.append(f"model.strategy.num_globals={s.num_globals} > sequence length T={seq_len}")
+    if encoder and s.name == "task":
+        if config.data.name != "span_qa":
+            errors.append(f"strategy 'task' needs question segments; task {config.data.name!r} "
+                          "has none")
+        else:
+            question = task_cfg.key_length + 2  # CLS, the key, SEP
+            if s.num_globals < question:
+                errors.append(f"model.strategy.num_globals={s.num_globals} < question length "
+                              f"{question} of span_qa/{config.data.config}")
+    n = config.num_active_globals
+    if n is not None and not 0 <= n <= capacity:
+        errors.append(f"num_active_globals={n} outside [0, capacity G={capacity}] of strategy "
+                      f"{s.name!r}")
+    if m.pooling == "globals" and m.head == "classify" and capacity == 0:
+        errors.append(f"model.pooling='globals' but strategy {s.name!r} has no global tokens")
+    return errors
+
+
+def _format(errors: list[str]) -> str:
+    return "invalid config:\n  - " + "\n  - ".join(errors)
+
+
+def shrink_for_tests(config: ml_collections.ConfigDict, data_config: str = "tiny") -> None:
+    """In place: the tiny data config, a tiny model and a few steps (each file's ':test')."""
+    config.data.config = data_config
+    config.data.final_eval_splits = ("validation",)
+    config.model.d_model = 16
+    config.model.num_heads = 2
+    config.model.mlp_dim = 32
+    config.model.num_layers = 2
+    config.batch_size = 8
+    config.num_train_steps = 3
+    config.optim.warmup_steps = 1
+    config.log_every = 1
+    config.eval_every = 0
+    config.checkpoint.every_steps = 0
+    config.checkpoint.max_to_keep = 2
+    config.mesh.data = 1  # one device: small compiles (tests set -1 where they test data parallelism)
+
+
+def check_arg(arg: str | None, known: Sequence[str]) -> str:
+    """``arg`` or '' if None; ValueError naming the known args otherwise."""
+    arg = arg or ""
+    if arg not in ("", *known):
+        raise ValueError(f"unknown config arg {arg!r}; use one of {['', *known]}")
+    return arg

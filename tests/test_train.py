@@ -1,0 +1,290 @@
+"""Training: one step per config, exact resume, non-finite policy, checkpoint verification.
+
+Runs on the tiny data configs (generated once per session into a tmp data dir)
+and the ':test' variant of each config file (tiny model, a few steps).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from globalattn.train import (Checkpointer, NonFiniteError, apply_overrides, evaluate,
+                              fingerprint, load_config, read_jsonl, train_and_evaluate,
+                              validate_config)
+from globalattn.train import inputs, loop
+from globalattn.train.checkpoint import state_signature
+from globalattn.train.state import batch_sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["long_range", "listops", "mqar", "span_qa"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _config(name: str, data_dir: str, **overrides):
+    c = load_config(os.path.join(ROOT, "configs", f"{name}.py:test"))
+    return apply_overrides(c, {"data.data_dir": data_dir, **overrides})
+
+
+def _train_records(workdir: str) -> list[dict]:
+    return [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end.
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_step_on_tiny_real_data(name, data_dir, tmp_path):
+    config = _config(name, data_dir, num_train_steps=1, tensorboard=name == "long_range")
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 1 and not result["preempted"]
+    assert result["validation/num_examples"] == 50  # the whole tiny split
+    assert np.isfinite(result["validation/loss"])
+    (record,) = _train_records(str(tmp_path))
+    assert record["step"] == 1 and np.isfinite(record["loss"]) and record["skipped_steps"] == 0
+    assert os.path.isdir(tmp_path / "checkpoints" / "1")
+    if name == "long_range":
+        assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+# Dropout on, so a resumed run must also reproduce the per-step random keys; all (8
+# simulated) devices, so exact resume is checked under data parallelism.
+_RESUME = {"model.dropout": 0.1, "checkpoint.every_steps": 2, "optim.warmup_steps": 2,
+           "mesh.data": -1}
+
+
+def test_resume_after_preemption_is_bitwise_identical(data_dir, tmp_path):
+    config = _config("long_range", data_dir, num_train_steps=6, **_RESUME)
+    full = train_and_evaluate(config, str(tmp_path / "full"))
+
+    def preempt_at_3(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends
+
+    broken = str(tmp_path / "broken")
+    first = train_and_evaluate(config, broken, step_callback=preempt_at_3)
+    assert first["preempted"] and 3 <= first["step"] < 6
+    assert os.path.isdir(os.path.join(broken, "checkpoints", str(first["step"])))
+    assert "validation/accuracy" not in first  # no final eval when preempted
+    resumed = train_and_evaluate(config, broken)  # a new call: fresh model, iterator, jit
+    assert resumed["step"] == 6 and not resumed["preempted"]
+
+    a, b = _train_records(str(tmp_path / "full")), _train_records(broken)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert ra["batch_hash"] == rb["batch_hash"], ra["step"]
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], ra["step"]
+    assert resumed["fingerprint"] == full["fingerprint"]  # final params, bit for bit
+    assert resumed["validation/accuracy"] == full["validation/accuracy"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_cli_process_saves_and_resumes(data_dir, tmp_path):
+    """A real process killed by SIGTERM mid-run exits 0 with a checkpoint, and resumes."""
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "experiments.train", "--config=configs/long_range.py:test",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            "--config.num_train_steps=400", "--config.checkpoint.every_steps=0"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if "step      5/400" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    saved = [int(os.path.basename(p)) for p in glob.glob(str(workdir / "checkpoints" / "*"))]
+    assert saved and 5 <= max(saved) < 400, out
+    done = subprocess.run(argv[:-2] + ["--config.num_train_steps=400"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in _train_records(str(workdir))] == list(range(1, 401))
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite policy.
+
+
+# Poisoned state steps (0-based): one isolated skip, then two in a row.
+_POISON = {"nonfinite.inject_at_steps": (1, 3, 4), "nonfinite.max_consecutive": 2}
+
+
+def _program(config):
+    """The loop's compiled program for ``config`` (shared with train_and_evaluate runs)."""
+    spec = validate_config(config)
+    program = loop._program(config, spec)
+    with jax.set_mesh(program.mesh):
+        state = program.init(jax.random.key(0))
+    return spec, program, state
+
+
+def _host_copy(tree):
+    # np.array copies: a zero-copy view would pin the device buffer and block donation.
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def test_nonfinite_step_is_skipped_bit_for_bit_and_counted(data_dir):
+    config = _config("long_range", data_dir, num_train_steps=8, **_POISON)
+    spec, program, state = _program(config)
+    it = inputs.make_train_iterator(config)
+    sharding = batch_sharding(program.mesh)
+    batch = lambda: inputs.to_global(inputs.with_weights(next(it), 8), sharding)  # noqa: E731
+    rng = jax.random.key(1)
+
+    state, m0 = program.train_step(state, batch(), rng)
+    assert m0["finite"] == 1 and m0["nonfinite_steps"] == 0
+    before = _host_copy((state.params, state.opt_state))
+    old = state
+    state, m1 = program.train_step(state, batch(), rng)  # state step 1: poisoned
+    assert all(x.is_deleted() for x in jax.tree.leaves(old))  # the state was donated
+    assert m1["finite"] == 0 and not np.isfinite(m1["loss"])
+    assert (int(m1["nonfinite_steps"]), int(m1["consecutive_nonfinite"])) == (1, 1)
+    after = _host_copy((state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, before, after)  # nothing applied
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after[0]))
+    assert int(state.step) == 2
+
+    state, m2 = program.train_step(state, batch(), rng)
+    assert m2["finite"] == 1
+    assert (int(m2["nonfinite_steps"]), int(m2["consecutive_nonfinite"])) == (1, 0)
+    assert fingerprint(state.params) != fingerprint(after[0])  # training went on
+
+
+def test_nonfinite_policy_in_the_loop_skips_counts_then_stops(data_dir, tmp_path):
+    config = _config("long_range", data_dir, num_train_steps=8, **_POISON,
+                     **{"checkpoint.every_steps": 1})
+    with pytest.raises(NonFiniteError, match=r"2 consecutive non-finite steps ending at step 5"):
+        train_and_evaluate(config, str(tmp_path))
+    records = {r["step"]: r for r in _train_records(str(tmp_path))}
+    assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 0, 1]
+    assert [records[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
+    assert [records[s]["consecutive_nonfinite"] for s in (1, 2, 3, 4)] == [0, 1, 0, 1]
+    assert np.isfinite(records[3]["loss"]) and "loss" not in records[2]
+    # The skip counters are part of the checkpointed state.
+    assert max(int(p) for p in os.listdir(tmp_path / "checkpoints")) >= 3
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _iterator(n: int = 20) -> grain.DataLoaderIterator:
+    sampler = grain.samplers.IndexSampler(n, shard_options=grain.sharding.NoSharding(),
+                                          shuffle=True, seed=0, num_epochs=None)
+    return iter(grain.DataLoader(data_source=list(range(n)), sampler=sampler,
+                                 operations=[grain.transforms.Batch(4)], worker_count=0))
+
+
+def _payload(scale: float):
+    return {"train_state": {"w": jnp.arange(6.0).reshape(2, 3) * scale,
+                            "step": jnp.asarray(int(scale), jnp.int32)},
+            "rng": jax.random.key_data(jax.random.key(0))}
+
+
+def test_checkpointer_roundtrip_and_verification(tmp_path):
+    it = _iterator()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    sig = state_signature(_payload(1.0))
+    for step in (2, 4):
+        next(it)
+        ckpt.save(step, _payload(float(step)), it, sig)
+    ckpt.wait()
+    expected_next = next(it)  # what follows the position saved at step 4
+
+    # A partial save (orbax's temporary directory) is not a step; an empty step directory
+    # (e.g. a copy cut short) is one, and must be skipped.
+    os.makedirs(tmp_path / "ckpt" / "8.orbax-checkpoint-tmp-1234")
+    os.makedirs(tmp_path / "ckpt" / "6")
+    fresh = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    assert fresh.all_steps() == [2, 4, 6]
+    it2 = _iterator()
+    with pytest.warns(UserWarning, match="skipping checkpoint step 6 .*metadata is unreadable"):
+        step, payload = fresh.restore_latest(_payload(1.0), it2, sig)
+    assert step == 4 and fresh.all_steps() == [2, 4]
+    np.testing.assert_array_equal(payload["train_state"]["w"], _payload(4.0)["train_state"]["w"])
+    np.testing.assert_array_equal(next(it2), expected_next)
+
+    # Another state layout (a changed config) is an error, not corruption: nothing moves.
+    with pytest.raises(ValueError, match="another layout"):
+        fresh.restore_latest(_payload(1.0), _iterator(), "0" * 16)
+    assert fresh.all_steps() == [2, 4]
+
+    # Valid orbax data with other values (e.g. a copied-over item) fails the fingerprint.
+    other = Checkpointer(str(tmp_path / "other"), max_to_keep=1)
+    other.save(4, _payload(9.0), _iterator(), sig)
+    other.close()
+    shutil.rmtree(tmp_path / "ckpt" / "4" / "state")
+    shutil.copytree(tmp_path / "other" / "4" / "state", tmp_path / "ckpt" / "4" / "state")
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step 4 .*fingerprint"):
+        step, payload = fresh.restore_latest(_payload(1.0), _iterator(), sig)
+    assert step == 2
+    np.testing.assert_array_equal(payload["train_state"]["w"], _payload(2.0)["train_state"]["w"])
+    assert fresh.all_steps() == [2]
+    assert len(os.listdir(tmp_path / "corrupt_checkpoints")) == 2
+
+    # Nothing restorable: an error, never a silent restart from scratch.
+    shutil.rmtree(tmp_path / "ckpt" / "2" / "meta")
+    with pytest.warns(UserWarning, match="skipping checkpoint step 2"), \
+            pytest.raises(RuntimeError, match="refusing to restart from scratch"):
+        fresh.restore_latest(_payload(1.0), _iterator(), sig)
+    fresh.close()
+    ckpt.close()
+
+
+def _flip_bytes(step_dir: str) -> None:
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+             if os.path.isfile(p) and "/d/" in p]
+    target = max(files, key=os.path.getsize)
+    with open(target, "r+b") as f:
+        data = bytearray(f.read())
+        for i in range(len(data) // 4, len(data), max(len(data) // 16, 1)):
+            data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(data_dir, tmp_path):
+    config = _config("long_range", data_dir, num_train_steps=6, **_RESUME)  # compiled already
+    workdir = str(tmp_path / "run")
+    full = train_and_evaluate(config, workdir)
+    _flip_bytes(os.path.join(workdir, "checkpoints", "6"))
+    with pytest.warns(UserWarning, match="skipping checkpoint step 6 "):
+        result = train_and_evaluate(config, workdir)
+    assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))[0].startswith("6.")
+    # Resumed from step 4, the run redid steps 5-6 exactly and saved a good step 6.
+    assert result["step"] == 6 and result["fingerprint"] == full["fingerprint"]
+    assert [r["step"] for r in _train_records(workdir)] == list(range(1, 7))
+    assert sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))) == [4, 6]
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def test_eval_counts_every_example_whatever_the_batch_size(data_dir):
+    metrics = []
+    for eval_bs in (8, 48):  # 50 examples: last batches hold 2 real rows and 6 / 46 fillers
+        # num_train_steps=1: the program compiled by the one-step mqar test.
+        config = _config("mqar", data_dir, num_train_steps=1, eval_batch_size=eval_bs)
+        spec, program, state = _program(config)
+        weights = [b["weights"] for b in inputs.eval_batches(config, spec, "validation")]
+        assert sum(w.sum() for w in weights) == 50 and all(len(w) == eval_bs for w in weights)
+        metrics.append(evaluate(program.eval_step, state.params, config, spec, "validation",
+                                batch_sharding(program.mesh)))
+    assert metrics[0]["num_examples"] == metrics[1]["num_examples"] == 50
+    for k in ("loss", "accuracy", "sequence_accuracy"):
+        np.testing.assert_allclose(metrics[1][k], metrics[0][k], rtol=1e-5)
