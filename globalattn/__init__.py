@@ -7,6 +7,12 @@ The public attention API lives at the top level:
 * :func:`global_local_attention` -- the efficient sliding-window + global-token
   (+ BigBird random block) attention.
 * :func:`random_block_indices` -- BigBird random blocks from a jax.random key.
+* :func:`sequence_parallel_global_local_attention` -- the same, sharded along T
+  with ``jax.shard_map`` (see :mod:`globalattn.sharding` for meshes).
+
+Submodules: ``patterns`` (global-mask helpers), ``analytics`` (pattern
+counting, hops, connectivity), ``modules`` (Flax), ``data`` (TFDS tasks),
+``train`` (training loop).
 """
 from globalattn.attention import (
     dense_attention,
@@ -16,6 +22,7 @@ from globalattn.attention import (
     random_block_indices,
 )
 from globalattn.global_local import global_local_attention
+from globalattn.seq_parallel import sequence_parallel_global_local_attention
 
 __all__ = [
     "dense_attention",
@@ -24,4 +31,5 @@ __all__ = [
     "global_local_mask",
     "global_local_reference",
     "random_block_indices",
+    "sequence_parallel_global_local_attention",
 ]
