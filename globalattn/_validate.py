@@ -126,3 +126,41 @@ def check_random_blocks(rb, block_size: Optional[int], B: int, N: Optional[int],
                 f"random_blocks indices must lie in [0, {nb}) (T={T}, block_size={bs}); "
                 f"got min {lo}, max {hi}")
     return rb.astype(jnp.int32)
+
+
+def check_global_qkv(global_qkv, q_shape) -> None:
+    """Longformer's (q_g, k_g, v_g): three arrays shaped like q."""
+    if global_qkv is None:
+        return
+    if len(global_qkv) != 3:
+        raise ValueError(f"global_qkv must be (q_g, k_g, v_g), got {len(global_qkv)} items")
+    for name, x in zip(("q_g", "k_g", "v_g"), global_qkv):
+        if x.shape != q_shape:
+            raise ValueError(f"global_qkv {name} must have shape {q_shape}, got {x.shape}")
+
+
+def resolve_globals(global_mask, pad, B: int, T: int, max_globals):
+    """The effective global mask (padding removed) and the static capacity G.
+
+    Returns ``(glob [B, T] bool or None, G)``. When the mask is concrete the
+    per-example counts are checked against ``max_globals`` (ValueError naming
+    the counts); when it is traced, ``max_globals`` is required. With no
+    ``max_globals`` and a concrete mask, G is the largest per-example count.
+    """
+    if global_mask is None:
+        if max_globals is not None:
+            check_nonneg_int(max_globals, "max_globals")
+        return None, 0
+    glob = check_token_mask(global_mask, B, T, "global_mask", default=False) & pad
+    counts = [int(c) for c in jnp.sum(glob, axis=-1)] if is_concrete(glob) else None
+    if max_globals is None:
+        if counts is None:
+            raise ValueError("max_globals (a static int) is required when global_mask is "
+                             "traced (e.g. under jit)")
+        return glob, max(counts, default=0)
+    G = check_nonneg_int(max_globals, "max_globals")
+    if counts is not None and max(counts, default=0) > G:
+        over = {b: c for b, c in enumerate(counts) if c > G}
+        raise ValueError(f"more global tokens than max_globals={G}: per-example counts "
+                         f"{over} (example index: count)")
+    return glob, G

@@ -144,34 +144,8 @@ def global_local_attention(
     left, right = min(left, T - 1), min(right, T - 1)
     pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
     sinks = V.check_sinks(sinks, N)
-    if global_qkv is not None:
-        if len(global_qkv) != 3:
-            raise ValueError(f"global_qkv must be (q_g, k_g, v_g), got {len(global_qkv)} items")
-        for name, x in zip(("q_g", "k_g", "v_g"), global_qkv):
-            if x.shape != q.shape:
-                raise ValueError(f"global_qkv {name} must have shape {q.shape}, got {x.shape}")
-
-    # Globals: a fixed [B, G] buffer (G static).
-    G = 0
-    glob = None
-    if global_mask is not None:
-        glob = V.check_token_mask(global_mask, B, T, "global_mask", default=False) & pad
-        counts = None
-        if V.is_concrete(glob):
-            counts = [int(c) for c in jnp.sum(glob, axis=-1)]
-        if max_globals is None:
-            if counts is None:
-                raise ValueError(
-                    "max_globals (a static int) is required when global_mask is traced "
-                    "(e.g. under jit)")
-            G = max(counts) if counts else 0
-        else:
-            G = V.check_nonneg_int(max_globals, "max_globals")
-            if counts is not None and max(counts, default=0) > G:
-                over = {b: c for b, c in enumerate(counts) if c > G}
-                raise ValueError(
-                    f"more global tokens than max_globals={G}: per-example counts {over} "
-                    f"(example index: count)")
+    V.check_global_qkv(global_qkv, q.shape)
+    glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals)  # G static
 
     # Masked slots are zeroed so NaN/inf written there reaches nothing
     # (0 * NaN would otherwise leak through matmuls and their gradients).

@@ -323,31 +323,8 @@ def sequence_parallel_global_local_attention(
             f"use fewer devices along {seq_axis!r} or a smaller window")
     pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
     sinks = V.check_sinks(sinks, N)
-    if global_qkv is not None:
-        if len(global_qkv) != 3:
-            raise ValueError(f"global_qkv must be (q_g, k_g, v_g), got {len(global_qkv)} items")
-        for name, x in zip(("q_g", "k_g", "v_g"), global_qkv):
-            if x.shape != q.shape:
-                raise ValueError(f"global_qkv {name} must have shape {q.shape}, got {x.shape}")
-
-    G = 0
-    glob = None
-    if global_mask is not None:
-        glob = V.check_token_mask(global_mask, B, T, "global_mask", default=False) & pad
-        counts = [int(c) for c in jnp.sum(glob, axis=-1)] if V.is_concrete(glob) else None
-        if max_globals is None:
-            if counts is None:
-                raise ValueError("max_globals (a static int) is required when global_mask is "
-                                 "traced (e.g. under jit)")
-            G = max(counts, default=0)
-        else:
-            G = V.check_nonneg_int(max_globals, "max_globals")
-            if counts is not None and max(counts, default=0) > G:
-                over = {b: c for b, c in enumerate(counts) if c > G}
-                raise ValueError(f"more global tokens than max_globals={G}: per-example counts "
-                                 f"{over} (example index: count)")
-    elif max_globals is not None:
-        V.check_nonneg_int(max_globals, "max_globals")
+    V.check_global_qkv(global_qkv, q.shape)
+    glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals)
 
     bq = block_q if block_q is not None else default_block_q(C, left, right)
     bq = V.check_positive_int(bq, "block_q")

@@ -246,15 +246,17 @@ def test_checkpointer_roundtrip_and_verification(tmp_path):
 
 
 def _flip_bytes(step_dir: str) -> None:
-    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-             if os.path.isfile(p) and "/d/" in p]
-    target = max(files, key=os.path.getsize)
-    with open(target, "r+b") as f:
-        data = bytearray(f.read())
-        for i in range(len(data) // 4, len(data), max(len(data) // 16, 1)):
-            data[i] ^= 0xFF
-        f.seek(0)
-        f.write(data)
+    """Flips a few bytes in every array data file of a checkpoint's state item."""
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+             if os.path.isfile(p)]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            for i in range(len(data) // 2, len(data), max(len(data) // 8, 1)):
+                data[i] ^= 0xFF
+            f.seek(0)
+            f.write(data)
 
 
 def test_corrupt_checkpoint_is_skipped_with_a_warning(data_dir, tmp_path):
