@@ -14,15 +14,19 @@ Submodules: ``patterns`` (global-mask helpers), ``analytics`` (pattern
 counting, hops, connectivity), ``modules`` (Flax), ``data`` (TFDS tasks),
 ``train`` (training loop).
 """
-from globalattn.attention import (
+from globalattn import _xla_workaround
+
+_xla_workaround.apply()  # before any backend exists; see the module docstring
+
+from globalattn.attention import (  # noqa: E402
     dense_attention,
     gather_global_positions,
     global_local_mask,
     global_local_reference,
     random_block_indices,
 )
-from globalattn.global_local import global_local_attention
-from globalattn.seq_parallel import sequence_parallel_global_local_attention
+from globalattn.global_local import global_local_attention  # noqa: E402
+from globalattn.seq_parallel import sequence_parallel_global_local_attention  # noqa: E402
 
 __all__ = [
     "dense_attention",

@@ -4,8 +4,11 @@ XLA_FLAGS must be set before jax is first imported, which is why it lives here.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import globalattn  # noqa: E402,F401  (applies the XLA:CPU miscompile workaround first)
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

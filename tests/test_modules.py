@@ -19,7 +19,6 @@ from flax import traverse_util
 from globalattn import global_local_mask, patterns
 from globalattn.modules import (
     STRATEGIES,
-    BigBirdGlobals,
     GlobalLocalSelfAttention,
     build_model,
     default_model_config,
@@ -92,7 +91,7 @@ CASES = {
     "none": {"strategy.name": "none", "pooling": "mean"},
     "cls": {"strategy.name": "cls", "global_projections": True},
     "first": {"strategy.name": "first", "strategy.num_globals": 3, "head": "token",
-              "remat": True, "dtype": "bfloat16", "dropout": 0.1},
+              "remat": True, "dtype": "bfloat16"},
     # Gemma-style schedule (global-local, full, ...), scanned and rematerialised.
     "first_last": {"strategy.name": "first_last", "head": "span", "num_layers": 4,
                    "attention_schedule": "interleaved", "local_per_full": 1, "scan": True,
@@ -101,7 +100,8 @@ CASES = {
                  "pooling": "globals"},
     "task": {"strategy.name": "task", "strategy.num_globals": 8, "head": "span"},
     "bigbird": {"strategy.name": "bigbird", "strategy.block_size": 4,
-                "strategy.num_random_blocks": 1, "head": "token", "global_projections": True},
+                "strategy.num_random_blocks": 1, "head": "token", "global_projections": True,
+                "dropout": 0.1},
     "extra": {"strategy.name": "extra", "strategy.num_globals": 16, "pooling": "globals",
               "strategy.drop_output": False},
     "sinks": {"strategy.name": "sinks", "strategy.num_globals": 1, "strategy.sink_logits": True,
@@ -130,10 +130,13 @@ def test_builds_and_runs_forward(case):
         assert out.shape == want[head]
     assert all(o.dtype == jnp.float32 for o in jax.tree.leaves(out))
     _finite(out)
-    if case in ("bigbird", "first"):  # training mode: resampled random blocks, dropout
+    if case == "bigbird":  # training mode: dropout and resampled random blocks
+        other = b.apply(b.variables, tokens, pm, seg, deterministic=False,
+                        rngs={"dropout": jax.random.key(3), "random_blocks": jax.random.key(4)})
         out_train = b.apply(b.variables, tokens, pm, seg, deterministic=False,
                             rngs={"dropout": jax.random.key(1), "random_blocks": jax.random.key(2)})
         _finite(out_train)
+        assert not np.allclose(out_train, other) and not np.allclose(out_train, out)
 
 
 # ---------------------------------------------------------------------------
@@ -438,6 +441,25 @@ def _unstack(params, num_layers, period):
     return {**params, "encoder": enc}
 
 
+def _restack(params, num_layers, period):
+    """Unrolled ``encoder/layer_{r*period+p}`` -> scanned ``encoder/layers/block_p[r]``."""
+    enc = dict(params["encoder"])
+    layers = [enc.pop(f"layer_{i}") for i in range(num_layers)]
+    enc["layers"] = {f"block_{p}": jax.tree.map(lambda *xs: jnp.stack(xs), *layers[p::period])
+                     for p in range(period)}
+    return {**params, "encoder": enc}
+
+
+def test_scan_passes_each_layer_its_random_blocks():
+    """BigBird under scan: layer l gets draw l, as in the unrolled stack."""
+    b = _built(**CASES["bigbird"])
+    scanned = build_model(_cfg({**CASES["bigbird"], "scan": True}))
+    tokens, pm, seg = _inputs()
+    params = _restack(b.variables["params"], 2, 1)
+    out = _jit(scanned.apply)({"params": params}, tokens, pm, seg)
+    np.testing.assert_allclose(out, b.apply(b.variables, tokens, pm, seg), atol=1e-5, rtol=1e-5)
+
+
 def test_scan_and_remat_match_unrolled_layers():
     scanned = _built(**CASES["first_last"])
     plain = build_model(_cfg({**CASES["first_last"], "scan": False, "remat": False}))
@@ -455,3 +477,34 @@ def test_scan_and_remat_match_unrolled_layers():
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     chex.assert_trees_all_close(_unstack(g1, 4, 2), g2, atol=1e-5, rtol=1e-4)
     _finite(g1)
+
+
+def test_sequence_longer_than_max_len_is_an_error():
+    b = _built(**CASES["none"])
+    tokens = jnp.ones((1, SMALL["max_len"] + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_len=32"):
+        jax.eval_shape(b.model.apply, b.variables, tokens, jnp.ones(tokens.shape, bool))
+
+
+def test_encode_drops_or_keeps_prepended_tokens():
+    tokens, pm, seg = _inputs()
+    for drop, width in ((False, 16 + T), (True, T)):
+        b = _built(**CASES["extra"])
+        model = build_model(_cfg({**CASES["extra"], "strategy.drop_output": drop}))
+        h = jax.eval_shape(functools.partial(model.apply, method="encode"),
+                           b.variables, tokens, pm, seg)
+        assert h.shape == (B, width, SMALL["d_model"])
+
+
+# ---------------------------------------------------------------------------
+# Task strategy: an over-long question is loud, never truncated.
+# ---------------------------------------------------------------------------
+def test_question_longer_than_capacity_is_loud():
+    b = _built(**CASES["task"])  # capacity 8
+    tokens, pm, seg = _inputs()
+    long_q = seg.at[0, :10].set(0)  # example 0: a 10-token question
+    start, end = b.apply(b.variables, tokens, pm, long_q)  # under jit: NaN, that example only
+    assert bool(jnp.all(jnp.isnan(start[0]))) and bool(jnp.all(jnp.isnan(end[0])))
+    _finite((start[1], end[1]))
+    with pytest.raises(ValueError, match="max_globals=8"):  # outside jit: an error
+        b.model.apply(b.variables, tokens, pm, long_q)

@@ -90,6 +90,9 @@ def test_resume_after_preemption_is_bitwise_identical(data_dir, tmp_path):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], ra["step"]
     assert resumed["fingerprint"] == full["fingerprint"]  # final params, bit for bit
     assert resumed["validation/accuracy"] == full["validation/accuracy"]
+    # Fresh and restored states have one type: three runs, one compiled train step.
+    program = loop._program(config, validate_config(config))
+    assert program.train_step.num_traces() == 1
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.mlp_dim = 256
     c.num_layers = 2
     c.dropout = 0.1  # embeddings, residual branches, MLP hidden
-    c.window = 8  # local radius: token i sees i-window .. i+window (bigbird: see strategy)
+    c.window = 8  # local radius: i sees i-window..i+window; bigbird uses strategy.window_blocks
     c.causal = False  # required True for head='lm'
     c.attention_schedule = "global_local"  # 'global_local' | 'full' | 'interleaved'
     c.local_per_full = 3  # interleaved: this many global-local layers, then one full layer

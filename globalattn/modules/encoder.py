@@ -14,7 +14,7 @@ the backward pass. Parameters of scanned layers get a leading ``layers`` axis.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -46,7 +46,7 @@ def schedule_period(schedule: str, local_per_full: int) -> int:
     return local_per_full + 1 if schedule == "interleaved" else 1
 
 
-def _layer_norm(dtype, param_dtype, name=None) -> nn.LayerNorm:
+def layer_norm(dtype, param_dtype, name=None) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -98,7 +98,7 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, padding_mask: Array, global_mask: Optional[Array],
                  random_blocks: Optional[Array], deterministic: bool) -> Array:
-        h = _layer_norm(self.dtype, self.param_dtype, "ln_attn")(x)
+        h = layer_norm(self.dtype, self.param_dtype, "ln_attn")(x)
         h = GlobalLocalSelfAttention(
             num_heads=self.num_heads, window=self.window, kind=self.kind, causal=self.causal,
             max_globals=self.max_globals, block_size=self.block_size,
@@ -106,7 +106,7 @@ class EncoderBlock(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
                 h, padding_mask, global_mask, random_blocks)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        h = _layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
+        h = layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
         h = MLP(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
             h, deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -200,4 +200,4 @@ class Encoder(nn.Module):
                 rb = None if random_blocks is None or kind == "full" else random_blocks[i]
                 x = block(kind=kind, **dict(self._block_kwargs()), name=f"layer_{i}")(
                     x, padding_mask, global_mask, rb, deterministic)
-        return _layer_norm(self.dtype, self.param_dtype, "ln_final")(x)
+        return layer_norm(self.dtype, self.param_dtype, "ln_final")(x)

@@ -37,7 +37,7 @@ def _dense(features: int, out_axis: str, dtype, param_dtype, name: str) -> nn.De
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)))
 
 
-def _masked_mean(h: Array, mask: Array) -> Array:
+def masked_mean(h: Array, mask: Array) -> Array:
     """``[B, T, D]``, bool ``[B, T]`` -> ``[B, D]``; 0 where nothing is valid."""
     w = mask.astype(jnp.float32)[..., None]
     s = jnp.sum(jnp.where(mask[..., None], h.astype(jnp.float32), 0.0), axis=1)
@@ -57,11 +57,11 @@ class ClassifyHead(nn.Module):
             first = jnp.argmax(padding_mask, axis=-1)  # the first real token
             pooled = jnp.take_along_axis(h, first[:, None, None], axis=1)[:, 0]
         elif self.pooling == "mean":
-            pooled = _masked_mean(h, padding_mask)
+            pooled = masked_mean(h, padding_mask)
         elif self.pooling == "globals":
             if h_globals is None or h_globals.shape[1] == 0:
                 raise ValueError("pooling='globals' needs a strategy with global tokens (G > 0)")
-            pooled = _masked_mean(h_globals, globals_valid)
+            pooled = masked_mean(h_globals, globals_valid)
         else:
             raise ValueError(f"pooling {self.pooling!r} not in {POOLINGS}")
         logits = _dense(self.num_classes, "vocab", self.dtype, self.param_dtype, "logits")(

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from globalattn.modules.attention import CrossAttention
-from globalattn.modules.encoder import MLP, EncoderBlock, _layer_norm
-from globalattn.modules.heads import _masked_mean
+from globalattn.modules.encoder import MLP, EncoderBlock, layer_norm
+from globalattn.modules.heads import masked_mean
 from globalattn.modules.model import Embedder, check_tokens
 from globalattn.modules.strategies import active_count
 
@@ -40,12 +40,12 @@ class CrossAttendBlock(nn.Module):
     @nn.compact
     def __call__(self, queries: Array, inputs: Array, query_mask: Array, key_mask: Array,
                  deterministic: bool = True) -> Array:
-        q = _layer_norm(self.dtype, self.param_dtype, "ln_q")(queries)
-        kv = _layer_norm(self.dtype, self.param_dtype, "ln_kv")(inputs)
+        q = layer_norm(self.dtype, self.param_dtype, "ln_q")(queries)
+        kv = layer_norm(self.dtype, self.param_dtype, "ln_kv")(inputs)
         a = CrossAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="xattn")(q, kv, query_mask, key_mask)
         x = queries + nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
-        h = _layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
+        h = layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
         h = MLP(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
             h, deterministic)
         return x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -74,9 +74,9 @@ class Perceiver(nn.Module):
         n_blocks = 1 if self.share_weights else self.num_latent_layers
         self.latent_blocks = [
             EncoderBlock(self.num_heads, self.mlp_dim, kind="full", **kw) for _ in range(n_blocks)]
-        self.latent_norm = _layer_norm(self.dtype, self.param_dtype)
+        self.latent_norm = layer_norm(self.dtype, self.param_dtype)
         self.decoder_xattn = CrossAttendBlock(self.num_cross_heads, self.mlp_dim, **kw)
-        self.output_norm = _layer_norm(self.dtype, self.param_dtype)
+        self.output_norm = layer_norm(self.dtype, self.param_dtype)
 
     def encode(self, x: Array, padding_mask: Array, *, num_active: Any = None,
                deterministic: bool = True) -> Tuple[Array, Array]:
@@ -143,7 +143,7 @@ class PerceiverModel(nn.Module):
                 q = jnp.broadcast_to(q.astype(x.dtype), (B, 1, D))
                 h = self.perceiver.decode(q, z, zm, None, deterministic)
                 return self.head(h, jnp.ones((B, 1), bool))
-            pooled = _masked_mean(z, zm).astype(x.dtype)[:, None]
+            pooled = masked_mean(z, zm).astype(x.dtype)[:, None]
             return self.head(pooled, jnp.ones((B, 1), bool))
         h = self.perceiver.decode(x, z, zm, padding_mask, deterministic)
         return self.head(h, padding_mask)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from globalattn import _validate as V
 from globalattn.attention import gather_global_positions, random_block_indices
 
 Array = jax.Array
@@ -105,7 +106,7 @@ def active_count(num_active: Any, capacity: int, batch: int) -> Array:
     if n.ndim > 1 or (n.ndim == 1 and n.shape[0] not in (1, batch)):
         raise ValueError(
             f"num_active_globals must be a scalar or [B] = [{batch}], got shape {n.shape}")
-    if not isinstance(n, jax.core.Tracer):
+    if V.is_concrete(n):
         lo, hi = int(jnp.min(n)), int(jnp.max(n))
         if lo < 0 or hi > capacity:
             raise ValueError(

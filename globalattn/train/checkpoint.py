@@ -34,6 +34,7 @@ import grain
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from globalattn.train.state import fingerprint
 
@@ -152,6 +153,8 @@ class Checkpointer:
         if jax.process_index() == 0 and os.path.exists(src):
             os.makedirs(self.quarantine_dir, exist_ok=True)
             shutil.move(src, dst)
+        if jax.process_count() > 1:  # nobody reloads the step list before the move is done
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.reload()
         return dst
 

@@ -85,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.nonfinite = ml_collections.ConfigDict()
     c.nonfinite.max_consecutive = 10  # stop with an error after this many skipped steps in a row
-    c.nonfinite.inject_at_steps = ()  # fault injection: steps whose loss is made NaN (tests)
+    # Fault injection (tests, drills): 0-based step indices (state.step before the update)
+    # whose loss is multiplied by NaN.
+    c.nonfinite.inject_at_steps = ()
 
     c.log_every = 20
     c.eval_every = 0  # 0 = evaluate at the end only

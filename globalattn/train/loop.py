@@ -211,6 +211,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         start_step, payload = restored
         state = payload["train_state"]
         train_key = jax.random.wrap_key_data(payload["rng"])
+    # One placement for fresh and restored keys: otherwise they differ in type and the
+    # train step compiles twice.
+    train_key = jax.device_put(train_key, replicated)
     total = config.num_train_steps
     writer = MetricWriter(workdir, tensorboard=config.tensorboard,
                           resume_step=start_step if restored else None)

@@ -76,7 +76,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
             loss = loss * jnp.where(jnp.isin(step, poison_steps), jnp.nan, 1.0)
         return loss, sums
 
+    traces = [0]
+
     def train_step(state: TrainState, batch: Batch, rng: Array):
+        traces[0] += 1  # Python side effect: runs once per trace, not per step
         key = jax.random.fold_in(rng, state.step)
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, state.step, key)
@@ -116,7 +119,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
         with jax.set_mesh(mesh):
             return jitted(state, batch, rng)
 
-    run.jitted = jitted  # for tests (e.g. counting traces)
+    run.jitted = jitted
+    run.num_traces = lambda: traces[0]  # tests: one compile per config and shape
     return run
 
 
