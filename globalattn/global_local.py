@@ -43,11 +43,13 @@ def default_block_q(seq_len: int, left: int, right: int) -> int:
 
     Each row of a block scores ``block_q + Lp + Rp`` keys of which it needs
     ``left + right + 1``: small blocks waste fewer flops, large blocks give
-    bigger matmuls. 64 is a good trade on CPU for windows of a few hundred;
-    a block never exceeds the (rounded) sequence or ``max(left, right)``.
+    bigger matmuls and fewer slab copies. Measured on a 2-core CPU with window
+    (256, 256), T=4096: block 128 beat 64 and 256 for forward+backward
+    (experiments/bench.py). The block is the window rounded up to a power of
+    two, clamped to [8, 128], and never much longer than the sequence.
     """
     w = max(left, right, 1)
-    bq = 64 if w >= 64 else max(8, 1 << (w - 1).bit_length())
+    bq = min(128, max(8, 1 << (w - 1).bit_length()))
     return int(min(bq, max(8, 1 << (seq_len - 1).bit_length())))
 
 

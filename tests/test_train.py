@@ -262,6 +262,7 @@ def _flip_bytes(step_dir: str) -> None:
             f.write(data)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax futures
 def test_corrupt_checkpoint_is_skipped_with_a_warning(data_dir, tmp_path):
     config = _config("long_range", data_dir, num_train_steps=6, **_RESUME)  # compiled already
     workdir = str(tmp_path / "run")
