@@ -13,6 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from globalattn.train import distributed
 from globalattn.train.cli import parse_flags
 from globalattn.train.loop import train_and_evaluate
 
@@ -23,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it
 
 def main(argv: list[str] | None = None) -> dict:
     parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"), usage=__doc__)
+    # Multi-host: connect the processes before any JAX computation (a no-op on one machine).
+    distributed.initialize(_CONFIG.value.get("distributed"))
     try:
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except ValueError as err:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -34,12 +35,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from globalattn.modules import build_model
-from globalattn.sharding import make_mesh
+from globalattn import sharding as sharding_lib
 from globalattn.train import inputs
 from globalattn.train.checkpoint import Checkpointer, PreemptionGuard, state_signature
 from globalattn.train.config import RunSpec, validate_config
 from globalattn.train.metrics import MetricWriter, Progress
 from globalattn.train.optim import learning_rate_schedule, make_optimizer
+from globalattn.train.state import batch_sharding as make_batch_sharding
 from globalattn.train.state import fingerprint, make_init_fn, state_shardings
 from globalattn.train.step import make_eval_step, make_train_step
 
@@ -83,6 +85,7 @@ class _Program:
     """What a config compiles to; reused by later runs in the same process."""
 
     mesh: Mesh
+    rules: Any  # logical-axis rules (globalattn.sharding)
     model: Any
     tx: Any
     abstract_state: Any
@@ -102,32 +105,57 @@ def _program(config: ml_collections.ConfigDict, spec: RunSpec) -> _Program:
     resumed run, seeds of a reproduction) reuse the compiled steps instead of
     compiling them again.
     """
+    mesh_shape, rules = _mesh_and_rules(config, spec)
     key = json.dumps({
         "model": spec.model_config.to_dict(), "optim": config.optim.to_dict(),
         "steps": config.num_train_steps, "kind": spec.meta.kind, "seq_len": spec.seq_len,
-        "inject": list(config.nonfinite.inject_at_steps), "mesh": spec.mesh_shape,
+        "inject": list(config.nonfinite.inject_at_steps), "mesh": mesh_shape, "rules": rules,
         "num_active_globals": config.num_active_globals}, sort_keys=True, default=str)
     if key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
         return _PROGRAMS[key]
-    mesh = make_mesh(spec.mesh_shape)
+    mesh = sharding_lib.make_mesh(mesh_shape)
     model = build_model(spec.model_config)
     tx = make_optimizer(config.optim, config.num_train_steps)
-    abstract_state, shardings = state_shardings(model, tx, spec.seq_len, mesh)
+    abstract_state, shardings = state_shardings(model, tx, spec.seq_len, mesh, rules)
     na = config.num_active_globals
     program = _Program(
-        mesh=mesh, model=model, tx=tx, abstract_state=abstract_state, shardings=shardings,
+        mesh=mesh, rules=rules, model=model, tx=tx, abstract_state=abstract_state,
+        shardings=shardings,
         init=make_init_fn(model, tx, spec.seq_len, shardings),
         train_step=make_train_step(
             model, tx, spec.meta.kind, mesh=mesh, state_shardings=shardings,
             schedule=learning_rate_schedule(config.optim, config.num_train_steps),
-            num_active_globals=na, inject_nonfinite_at=tuple(config.nonfinite.inject_at_steps)),
+            num_active_globals=na, inject_nonfinite_at=tuple(config.nonfinite.inject_at_steps),
+            rules=rules),
         eval_step=make_eval_step(model, spec.meta.kind, mesh=mesh,
-                                 params_shardings=shardings.params, num_active_globals=na))
+                                 params_shardings=shardings.params, num_active_globals=na,
+                                 rules=rules))
     _PROGRAMS[key] = program
     while len(_PROGRAMS) > _MAX_PROGRAMS:
         _PROGRAMS.popitem(last=False)
     return program
+
+
+def _mesh_and_rules(config: ml_collections.ConfigDict, spec: RunSpec
+                    ) -> tuple[dict[str, int], Any]:
+    """The mesh shape (every axis of ``config.mesh``, e.g. data/fsdp/model) and the rules.
+
+    ``config.logical_axis_rules`` (optional; None = the defaults of
+    :mod:`globalattn.sharding`) maps logical axis names to mesh axes.
+    """
+    shape = sharding_lib.resolve_mesh_shape(config.mesh.to_dict())
+    rules = sharding_lib.rules_from_config(config.get("logical_axis_rules"))
+    if shape.get("seq", 1) > 1:
+        raise ValueError(f"mesh.seq={shape['seq']}: the training models do not split the "
+                         "sequence over devices yet (use sequence_parallel_global_local_"
+                         "attention directly); set mesh.seq=1")
+    dp = math.prod(shape[a] for a in sharding_lib.BATCH_MESH_AXES if a in shape)
+    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", spec.eval_batch_size)):
+        if bs % dp:
+            raise ValueError(f"{name}={bs} is not divisible by the data-parallel size {dp} "
+                             f"(mesh {shape}, batch split over {sharding_lib.BATCH_MESH_AXES})")
+    return shape, rules
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -191,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     program = _program(config, spec)
     mesh = program.mesh
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = make_batch_sharding(mesh, program.rules)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     abstract = {"train_state": program.abstract_state,
                 "rng": jax.ShapeDtypeStruct(jax.random.key_data(train_key).shape, np.uint32,

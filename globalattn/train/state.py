@@ -1,10 +1,12 @@
 """The train state, its creation on a device mesh, and a content fingerprint.
 
 Parameters are created sharded: the model's logical axis names (``embed``,
-``heads``, ``mlp``, ...) map to mesh axes by :data:`LOGICAL_AXIS_RULES`, the
-optimizer state follows its parameters, and the batch is split over ``data``.
-On one CPU the mesh is ``{'data': 1, 'model': 1}`` and all of this is a no-op;
-a pod run changes ``config.mesh`` only.
+``heads``, ``mlp``, ...) map to mesh axes by logical-axis rules (default
+:data:`globalattn.sharding.DEFAULT_LOGICAL_AXIS_RULES`, restricted to the
+mesh's axes), the optimizer state follows its parameters, and the batch is
+split over the batch axes (``data`` and ``fsdp``). On one CPU the mesh is
+``{'data': 1, 'model': 1}`` and all of this is a no-op; a pod run changes
+``config.mesh`` only.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
+
+from globalattn import sharding as sharding_lib
 
 __all__ = [
     "LOGICAL_AXIS_RULES",
@@ -32,18 +36,10 @@ __all__ = [
 
 Array = jax.Array
 
-# Logical axis -> mesh axis. Heads and MLP hidden units are tensor-parallel over
-# 'model'; everything else in a parameter is replicated; activations' batch is
-# split over 'data'. (vocab stays replicated: class counts rarely divide a mesh axis.)
-LOGICAL_AXIS_RULES = (
-    ("batch", "data"),
-    ("heads", "model"),
-    ("mlp", "model"),
-    ("vocab", None),
-    ("embed", None),
-    ("kv", None),
-    ("length", None),
-)
+# The default logical axis -> mesh axis rules (see globalattn.sharding): heads and MLP
+# hidden units over 'model', 'embed' over 'fsdp', batch over 'data' and 'fsdp'; axes a
+# mesh lacks are dropped, so on a {'data', 'model'} mesh parameters split over 'model' only.
+LOGICAL_AXIS_RULES = sharding_lib.DEFAULT_LOGICAL_AXIS_RULES
 
 
 @struct.dataclass
@@ -73,9 +69,9 @@ def init_inputs(seq_len: int) -> tuple[Array, Array, Array]:
             jnp.zeros((1, seq_len), jnp.int32))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the mesh's 'data' axis."""
-    return NamedSharding(mesh, PartitionSpec("data"))
+def batch_sharding(mesh: Mesh, rules: Any = None) -> NamedSharding:
+    """Leading (batch) dimension split over the mesh's batch axes ('data', 'fsdp')."""
+    return sharding_lib.batch_sharding(mesh, rules)
 
 
 def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
@@ -88,16 +84,19 @@ def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: in
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
-                    mesh: Mesh) -> tuple[TrainState, Any]:
+                    mesh: Mesh, rules: Any = None) -> tuple[TrainState, Any]:
     """``(abstract_state, shardings)`` of the train state on ``mesh``, computing nothing.
 
     ``abstract_state`` holds ShapeDtypeStructs (unboxed, with shardings): the
     restore target; ``shardings`` has one NamedSharding per leaf (for jit).
+    ``rules``: logical-axis rules (None = the defaults).
+
+    Raises:
+      ValueError: a parameter dimension does not divide over its mesh axes.
     """
     key = jax.random.key(0)  # shapes do not depend on the key
     abstract = jax.eval_shape(lambda k: _boxed_state(model, tx, seq_len, k), key)
-    specs = nn.get_partition_spec(abstract)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
     return with_shardings(nn.unbox(abstract), shardings), shardings
 
 

@@ -46,7 +46,7 @@ def _apply_fn(model: nn.Module, num_active_globals: int | None):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str, *,
                     mesh: Mesh, state_shardings: Any, schedule: optax.Schedule,
                     num_active_globals: int | None = None,
-                    inject_nonfinite_at: Sequence[int] = ()) -> Callable:
+                    inject_nonfinite_at: Sequence[int] = (), rules: Any = None) -> Callable:
     """The jitted ``train_step(state, batch, rng) -> (state, metrics)``.
 
     Args:
@@ -57,6 +57,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
       num_active_globals: static count of active global slots (None = all).
       inject_nonfinite_at: steps (``state.step`` values) whose loss is multiplied
         by NaN, to exercise the non-finite policy.
+      rules: logical-axis rules (None = the defaults); they place the batch.
 
     The batch needs 'tokens', 'padding_mask', 'segment_ids', the task's labels
     and 'weights' float32 [B]. ``metrics`` holds float32 scalars: ``loss`` and
@@ -108,7 +109,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
 
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(train_step, donate_argnums=(0,),
-                     in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+                     in_shardings=(state_shardings, batch_sharding(mesh, rules), replicated),
                      out_shardings=(state_shardings, replicated))
 
     def run(state: TrainState, batch: Batch, rng: Array):
@@ -125,7 +126,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
 
 
 def make_eval_step(model: nn.Module, kind: str, *, mesh: Mesh, params_shardings: Any,
-                   num_active_globals: int | None = None) -> Callable:
+                   num_active_globals: int | None = None, rules: Any = None) -> Callable:
     """The jitted ``eval_step(params, batch) -> {name: (sum, count)}`` (deterministic)."""
     apply = _apply_fn(model, num_active_globals)
 
@@ -134,7 +135,7 @@ def make_eval_step(model: nn.Module, kind: str, *, mesh: Mesh, params_shardings:
         return tasks.metric_sums(kind, outputs, batch, batch["weights"])
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh)),
+    jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh, rules)),
                      out_shardings=replicated)
 
     def run(params, batch: Batch):
