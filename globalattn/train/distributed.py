@@ -17,9 +17,12 @@ Settings, first found wins (all optional):
   ``GLOBALATTN_NUM_PROCESSES``, ``GLOBALATTN_PROCESS_ID``,
   ``GLOBALATTN_LOCAL_DEVICE_IDS`` (comma-separated), or JAX's own
   ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``;
-* nothing: on a TPU pod slice, SLURM or Open MPI job with several tasks,
-  ``jax.distributed.initialize()`` detects the cluster itself; anywhere else
-  (one machine) nothing is initialized and the run is single-process.
+* nothing: in a SLURM or Open MPI job with several tasks, or when
+  ``TPU_WORKER_HOSTNAMES`` lists several TPU hosts, ``jax.distributed.initialize()``
+  detects the cluster itself; ``GLOBALATTN_DISTRIBUTED=1`` forces that
+  auto-detection (e.g. on a TPU pod slice whose hosts are only known from the
+  TPU metadata server); anywhere else (one machine) nothing is initialized and
+  the run is single-process (``GLOBALATTN_DISTRIBUTED=0`` forces that).
 
 On CPU the cross-process collectives need an implementation; jax 0.10's
 default ``jax_cpu_collectives_implementation`` is ``gloo`` (``cpu_collectives=``
@@ -113,7 +116,11 @@ def initialize(settings: Mapping[str, Any] | None = None, *,
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     s = _settings(settings, env)
-    if not s["coordinator_address"] and not cluster_detected(env):
+    force = env.get("GLOBALATTN_DISTRIBUTED", "")
+    if force not in ("", "0", "1"):
+        raise ValueError(f"GLOBALATTN_DISTRIBUTED must be 0 or 1, got {force!r}")
+    if force == "0" or (force != "1" and not s["coordinator_address"]
+                        and not cluster_detected(env)):
         return False  # one process: nothing to connect
     if cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)

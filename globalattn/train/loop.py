@@ -241,7 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_key = jax.random.wrap_key_data(payload["rng"])
     # One placement for fresh and restored keys: otherwise they differ in type and the
     # train step compiles twice.
-    train_key = jax.device_put(train_key, replicated)
+    # (device_put cannot target other processes' devices: build the global array from
+    # each process's identical copy.)
+    train_key = jax.random.wrap_key_data(jax.make_array_from_process_local_data(
+        replicated, np.asarray(jax.random.key_data(train_key))))
     total = config.num_train_steps
     writer = MetricWriter(workdir, tensorboard=config.tensorboard,
                           resume_step=start_step if restored else None)
