@@ -120,7 +120,8 @@ def check_random_blocks(rb, block_size: Optional[int], B: int, N: Optional[int],
         want = f"[B or 1, N or 1, ceil(T / block_size), r] = [{B} or 1, {N if N is not None else 'N'} or 1, {nb}, r]"
         raise ValueError(f"random_blocks must have shape {want} (T={T}, block_size={bs}), got {rb.shape}")
     if is_concrete(rb) and rb.size:
-        lo, hi = int(jnp.min(rb)), int(jnp.max(rb))
+        host = np.asarray(rb)  # numpy: jnp ops on a constant would be staged under jit
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= nb:
             raise ValueError(
                 f"random_blocks indices must lie in [0, {nb}) (T={T}, block_size={bs}); "
