@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import globalattn as ga
-from globalattn import analytics
+from globalattn import analytics, sharding
 
 
 def _median_time(fn: Callable, args, reps: int) -> float:
@@ -149,6 +149,28 @@ def print_table(rows: List[Dict[str, object]], out=sys.stdout) -> None:
         out.flush()
 
 
+def print_comm_table(seq_lens: List[int], *, window: int, N: int, H: int, B: int,
+                     G: int = 64, devices=(2, 4, 8), out=sys.stdout) -> None:
+    """Per-device bytes per layer (forward) of sequence-parallel attention vs a ring.
+
+    From the cost model of :func:`globalattn.sharding.comm_bytes_per_layer`
+    (which tests/test_seq_parallel.py checks against the compiled HLO).
+    """
+    print(f"\nSequence-parallel communication per device per layer (forward, float32, G={G}, "
+          f"window {window} each side):\n", file=out)
+    print("| T | devices | ours (halo + globals) | ring (all K/V) | ring / ours |", file=out)
+    print("|---|---|---|---|---|", file=out)
+    for T in seq_lens:
+        for P in devices:
+            if T % P or window > T // P:
+                continue
+            c = sharding.comm_bytes_per_layer(seq_len=T, num_devices=P, local_window_size=window,
+                                              max_globals=G, num_heads=N, head_dim=H,
+                                              batch_size=B)
+            print(f"| {T} | {P} | {c.ours / 2**20:.2f} MiB | {c.ring / 2**20:.2f} MiB "
+                  f"| {c.ring / c.ours:.0f}x |", file=out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq_lens", default="1024,2048,4096,8192,16384,32768,65536")
@@ -176,6 +198,8 @@ def main(argv=None) -> None:
                                   reps=a.reps, dense=T <= a.dense_max_len))
             print(f"  measured T={T} G={G}", file=sys.stderr, flush=True)
     print_table(rows)
+    print_comm_table([int(t) for t in a.seq_lens.split(",")] + ([a.memory_len] if a.memory_len else []),
+                     window=a.window, N=a.heads, H=a.head_dim, B=a.batch)
     if a.memory_len:
         r = bench_row(a.memory_len, 64, window=a.window, B=a.batch, N=a.heads, H=a.head_dim,
                       reps=1, dense=False)
