@@ -1,0 +1,399 @@
+"""Streaming generation with a fixed-memory KV cache (StreamingLLM, Xiao et al. 2023).
+
+The cache of one layer has ``S = G + W`` slots: G *sink slots* that keep the
+first G tokens of the stream forever, and a ring buffer of the last W tokens.
+Memory is O(G + W) whatever the number of generated tokens, every array has a
+static shape, and one jitted decode step serves the whole stream (the stream
+length is a traced int32 scalar, so nothing recompiles as it grows).
+
+Positional convention ("cache positions", as StreamingLLM does for RoPE).
+Keys are cached *un-rotated*; at every step RoPE is applied with positions
+counted inside the cache: sink slot g has position g, the ring entries have
+positions ``G .. G + n - 1`` from oldest to newest (n of them held), and the
+query is the newest entry. For the token at stream index t (0-based, the
+model's learned sink tokens included) that is
+
+* query position ``p(t) = min(t, G + W - 1)``;
+* a window key j (``t - W < j <= t``, ``j >= G``) sits at offset ``t - j`` --
+  its true distance, so local attention is exactly a sliding window;
+* sink key g sits at offset ``p(t) - g``: once tokens are evicted the sinks
+  look as if they came right before the oldest window token, so no offset ever
+  exceeds ``G + W - 1`` (a model trained on length T >= G + W never sees an
+  unseen distance).
+
+While nothing has been evicted (``t < G + W``) cache positions are the true
+positions, so streaming equals the model's ordinary full forward. Beyond, it
+equals :func:`sink_window_attention` applied in every layer: dense causal
+attention where query t sees keys ``j < G`` (sinks) and ``t - W < j <= t``
+(window), with RoPE in the convention above. That full forward is the
+"windowed-with-sinks" oracle the tests compare streamed logits against. It is
+dense rather than :func:`globalattn.global_local_attention` because a sink
+column needs the query rotated at ``p(t)`` while window columns need it at
+t: two queries per row, which the kernel (one query per row) cannot take.
+Without sinks (G = 0) the two conventions agree and the kernel's causal
+window ``(W - 1, 0)`` is exactly a 0 + W cache.
+
+Model-level helpers (:func:`new_stream`, :func:`make_decode_step`,
+:func:`stream_logits`, :func:`generate`) work with any Linen model exposing
+``decode(tokens [B], cache) -> (logits [B, V], cache)`` and
+``decode_sink(index, cache)`` (see :class:`globalattn.modules.lm.CausalLM`).
+Every row of a batch advances in lockstep (one shared stream length).
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Callable, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from globalattn import _validate as V
+from globalattn.rope import DEFAULT_BASE, apply_rope
+
+Array = jax.Array
+
+__all__ = [
+    "KVCache",
+    "cache_attention",
+    "cache_layout",
+    "generate",
+    "init_cache",
+    "make_decode_step",
+    "new_stream",
+    "sink_window_attention",
+    "sink_window_mask",
+    "stream_logits",
+    "streaming_query_positions",
+]
+
+_F32 = jnp.float32
+
+
+def _check_cache_shape(num_sink_slots: int, window: int) -> Tuple[int, int]:
+    G = V.check_nonneg_int(num_sink_slots, "num_sink_slots")
+    # The newest token must fit in the ring: it attends to itself.
+    W = V.check_positive_int(window, "window")
+    return G, W
+
+
+# --------------------------------------------------------------------------
+# The windowed-with-sinks oracle (full forward, dense).
+# --------------------------------------------------------------------------
+def sink_window_mask(seq_len: int, *, num_sink_slots: int, window: Optional[int]) -> Array:
+    """bool ``[T, T]``: query t may attend key j (causal; sinks ``j < G`` or window ``j > t - W``).
+
+    ``window=None`` is plain causal attention (nothing is ever evicted).
+    """
+    T = V.check_positive_int(seq_len, "seq_len")
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(T)[None, :]
+    causal = j <= i
+    if window is None:
+        return causal
+    G, W = _check_cache_shape(num_sink_slots, window)
+    return causal & ((j < G) | (j > i - W))
+
+
+def streaming_query_positions(seq_len: int, *, num_sink_slots: int, window: int) -> Array:
+    """int32 ``[T]``: the cache position ``min(t, G + W - 1)`` of the query at stream index t."""
+    T = V.check_positive_int(seq_len, "seq_len")
+    G, W = _check_cache_shape(num_sink_slots, window)
+    return jnp.minimum(jnp.arange(T, dtype=jnp.int32), G + W - 1)
+
+
+def sink_window_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    num_sink_slots: int,
+    window: Optional[int],
+    base: float = DEFAULT_BASE,
+    sinks: Optional[Array] = None,
+    padding_mask: Optional[Array] = None,
+    return_weights: bool = False,
+):
+    """Causal attention as a streaming cache of G sinks + W recent tokens computes it.
+
+    O(T^2) dense: the oracle for the cache, and the attention-map probe
+    (``window=None``: ordinary causal RoPE attention at true positions).
+
+    Args:
+      q, k, v: ``[B, T, N, H]`` *un-rotated* queries / keys (RoPE is applied here:
+        true positions for window keys, :func:`streaming_query_positions` for the
+        query when it scores a sink key; see the module docstring).
+      num_sink_slots: G, the first G positions are kept forever.
+      window: W >= 1 recent positions (the query's own included), or None.
+      base: RoPE base.
+      sinks: optional ``[N]`` per-head sink logits (an extra column with value 0).
+      padding_mask: optional bool ``[B, T]`` (True = real token).
+      return_weights: also return the attention weights.
+
+    Returns:
+      ``out [B, T, N, H]`` (``q.dtype``), and with ``return_weights`` also
+      ``weights`` float32 ``[B, N, T, T]`` (rows sum to 1 minus the mass on the
+      sink-logit column; rows with nothing to attend are 0).
+    """
+    B, T, N, H = V.check_qkv(q, k, v)
+    if k.shape[1] != T:
+        raise ValueError(f"sink_window_attention is self-attention: k length {k.shape[1]} "
+                         f"!= q length {T}")
+    G = V.check_nonneg_int(num_sink_slots, "num_sink_slots")
+    sinks = V.check_sinks(sinks, N)
+    mask = sink_window_mask(T, num_sink_slots=G, window=window)[None, None]  # [1, 1, T, T]
+    if padding_mask is not None:
+        pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
+        mask = mask & (pad[:, None, :, None] & pad[:, None, None, :])
+    # Keys no query may attend are zeroed first: NaN written there reaches nothing.
+    key_used = jnp.any(mask, axis=2)[:, 0][:, :, None, None]  # [B or 1, T, 1, 1]
+    k = jnp.where(key_used, k, jnp.zeros((), k.dtype))
+    v = jnp.where(key_used, v, jnp.zeros((), v.dtype))
+    pos = jnp.arange(T, dtype=jnp.int32)
+    kr = apply_rope(k, pos, base=base).astype(_F32)
+    qr = apply_rope(q, pos, base=base).astype(_F32)
+    s = jnp.einsum("btnh,bsnh->bnts", qr, kr)
+    if window is not None and G > 0:
+        # A sink key is scored by the query rotated at its cache position.
+        q_sink = apply_rope(q, streaming_query_positions(T, num_sink_slots=G, window=window),
+                            base=base).astype(_F32)
+        s_sink = jnp.einsum("btnh,bsnh->bnts", q_sink, kr[:, :G])
+        s = jnp.concatenate([s_sink, s[..., G:]], axis=-1)
+    s = jnp.where(mask, s / math.sqrt(H), -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    if sinks is not None:
+        m = jnp.maximum(m, sinks[None, :, None])
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    den = jnp.sum(p, axis=-1)
+    if sinks is not None:
+        den = den + jnp.exp(sinks[None, :, None] - m)
+    w = p / jnp.where(den > 0, den, 1.0)[..., None]
+    out = jnp.einsum("bnts,bsnh->btnh", w, v.astype(_F32)).astype(q.dtype)
+    return (out, w) if return_weights else out
+
+
+# --------------------------------------------------------------------------
+# The cache.
+# --------------------------------------------------------------------------
+@struct.dataclass
+class KVCache:
+    """Fixed-size KV cache of every layer: G sink slots, then a ring of W slots.
+
+    Attributes:
+      keys: ``[L, B, G + W, N, H]`` un-rotated keys (RoPE is applied at read time).
+      values: ``[L, B, G + W, N, H]``.
+      length: int32 scalar, stream tokens written so far (the stream index of
+        the next token); shared by all rows.
+      num_sink_slots: static G.
+      window: static W >= 1.
+    """
+
+    keys: Array
+    values: Array
+    length: Array
+    num_sink_slots: int = struct.field(pytree_node=False, default=0)
+    window: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def size(self) -> int:
+        """Slots per layer, ``G + W``."""
+        return self.num_sink_slots + self.window
+
+
+def init_cache(num_layers: int, batch_size: int, num_heads: int, head_dim: int, *,
+               num_sink_slots: int, window: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache (length 0) of ``num_sink_slots + window`` slots per layer."""
+    G, W = _check_cache_shape(num_sink_slots, window)
+    for name, x in (("num_layers", num_layers), ("batch_size", batch_size),
+                    ("num_heads", num_heads), ("head_dim", head_dim)):
+        V.check_positive_int(x, name)
+    shape = (num_layers, batch_size, G + W, num_heads, head_dim)
+    return KVCache(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   length=jnp.zeros((), jnp.int32), num_sink_slots=G, window=W)
+
+
+def cache_layout(length: Array, *, num_sink_slots: int, window: int
+                 ) -> Tuple[Array, Array, Array, Array]:
+    """Where the token at stream index ``length`` is written, and the cache after it.
+
+    Returns:
+      ``(write_slot, slot_positions [S], slot_valid [S], query_position)``:
+      int32 scalar, int32 ``[S]`` cache positions (see the module docstring),
+      bool ``[S]``, int32 scalar; ``S = G + W``.
+    """
+    G, W = _check_cache_shape(num_sink_slots, window)
+    t = jnp.asarray(length, jnp.int32)
+    slot = jnp.arange(G + W, dtype=jnp.int32)
+    is_sink = slot < G
+    held = jnp.clip(t - G + 1, 0, W)  # ring entries after the write
+    age = jnp.mod(t - slot, W)  # ring slot G + i holds stream index t - age (newest: age 0)
+    valid = jnp.where(is_sink, slot <= t, age < held)
+    positions = jnp.where(is_sink, slot, G + held - 1 - age)
+    write = jnp.where(t < G, t, G + jnp.mod(t - G, W))
+    query = jnp.where(t < G, t, G + held - 1)
+    return write, positions, valid, query
+
+
+def cache_attention(q: Array, k: Array, v: Array, keys: Array, values: Array, length: Array, *,
+                    num_sink_slots: int, window: int, base: float = DEFAULT_BASE,
+                    sinks: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+    """One layer, one new token: write its key/value, attend over the cache.
+
+    Args:
+      q, k, v: ``[B, N, H]`` un-rotated query, key, value of the new token.
+      keys, values: ``[B, S, N, H]`` this layer's cache (``S = G + W``).
+      length: int32 scalar, the stream index of the new token.
+      num_sink_slots, window: static G and W.
+      base: RoPE base.
+      sinks: optional ``[N]`` sink logits.
+
+    Returns:
+      ``(out [B, N, H], keys, values)`` with the new token written.
+    """
+    G, W = _check_cache_shape(num_sink_slots, window)
+    B, S, N, H = keys.shape
+    if S != G + W or values.shape != keys.shape:
+        raise ValueError(f"cache keys {keys.shape} / values {values.shape} do not have "
+                         f"G + W = {G} + {W} slots")
+    if q.shape != (B, N, H) or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be [B, N, H] = {(B, N, H)}, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    sinks = V.check_sinks(sinks, N)
+    write, positions, valid, query = cache_layout(length, num_sink_slots=G, window=W)
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, k[:, None].astype(keys.dtype), write, 1)
+    values = jax.lax.dynamic_update_slice_in_dim(values, v[:, None].astype(values.dtype), write, 1)
+    kr = apply_rope(keys, positions, base=base).astype(_F32)  # [B, S, N, H]
+    qr = apply_rope(q[:, None], query, base=base)[:, 0].astype(_F32)  # [B, N, H]
+    s = jnp.einsum("bnh,bsnh->bns", qr, kr) / math.sqrt(H)
+    s = jnp.where(valid, s, -jnp.inf)
+    m = jnp.max(s, axis=-1)  # the new token is always valid: finite
+    if sinks is not None:
+        m = jnp.maximum(m, sinks[None, :])
+    p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
+    den = jnp.sum(p, axis=-1)
+    if sinks is not None:
+        den = den + jnp.exp(sinks[None, :] - m)
+    vf = jnp.where(valid[None, :, None, None], values.astype(_F32), 0.0)
+    out = jnp.einsum("bns,bsnh->bnh", p / den[..., None], vf)
+    return out.astype(q.dtype), keys, values
+
+
+# --------------------------------------------------------------------------
+# Model-level streaming.
+# --------------------------------------------------------------------------
+# Jitted functions by (kind, model, shapes): Linen modules are hashable dataclasses, so
+# an equal model reuses its compiled function. Oldest entries go first past the cap.
+_JITTED: "collections.OrderedDict[tuple, Callable]" = collections.OrderedDict()
+_MAX_JITTED = 32
+
+
+def _jitted(key: tuple, make: Callable[[], Callable]) -> Callable:
+    if key not in _JITTED:
+        _JITTED[key] = make()
+        while len(_JITTED) > _MAX_JITTED:
+            _JITTED.popitem(last=False)
+    return _JITTED[key]
+
+
+def new_stream(model, params: Any, batch_size: int, *, num_sink_slots: int, window: int
+               ) -> KVCache:
+    """A cache that has already consumed the model's learned sink tokens (if any).
+
+    ``model`` needs ``num_layers``, ``num_heads``, ``head_dim``, ``num_sink_tokens``,
+    ``dtype`` and a ``decode_sink(index, cache)`` method. Jitted once per
+    (model, batch, cache shape).
+    """
+    V.check_positive_int(batch_size, "batch_size")
+    _check_cache_shape(num_sink_slots, window)
+    fn = _jitted(("new_stream", model, batch_size, num_sink_slots, window),
+                 lambda: jax.jit(lambda p: _new_stream(model, p, batch_size, num_sink_slots,
+                                                       window)))
+    return fn(params)
+
+
+def _new_stream(model, params, batch_size: int, num_sink_slots: int, window: int) -> KVCache:
+    cache = init_cache(model.num_layers, batch_size, model.num_heads, model.head_dim,
+                       num_sink_slots=num_sink_slots, window=window, dtype=model.dtype)
+    for i in range(model.num_sink_tokens):
+        cache = model.apply({"params": params}, i, cache, method="decode_sink")
+    return cache
+
+
+def make_decode_step(model) -> Callable:
+    """The jitted ``step(params, cache, tokens [B] int) -> (logits [B, V] f32, cache)``.
+
+    Traced once per (cache shape, batch): the stream length is data, not a
+    shape. ``step.num_traces()`` counts traces (tests).
+    """
+    traces = [0]
+
+    def step(params, cache: KVCache, tokens: Array):
+        traces[0] += 1  # Python side effect: runs once per trace
+        return model.apply({"params": params}, tokens, cache, method="decode")
+
+    jitted = jax.jit(step)
+    jitted.num_traces = lambda: traces[0]
+    return jitted
+
+
+def stream_logits(model, params: Any, tokens: Array, *, num_sink_slots: int, window: int
+                  ) -> Array:
+    """Feeds ``tokens [B, L]`` through a fresh stream one at a time; logits ``[B, L, V]``.
+
+    ``logits[:, t]`` predicts ``tokens[:, t + 1]`` having seen only what the
+    cache holds. A ``lax.scan`` of the decode step (one compile per shape).
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
+    _check_cache_shape(num_sink_slots, window)
+
+    def make() -> Callable:
+        def run(params, tokens):
+            cache = _new_stream(model, params, tokens.shape[0], num_sink_slots, window)
+
+            def body(c, tok):
+                logits, c = model.apply({"params": params}, tok, c, method="decode")
+                return c, logits
+
+            _, logits = jax.lax.scan(body, cache, jnp.swapaxes(tokens, 0, 1))
+            return jnp.swapaxes(logits, 0, 1)
+
+        return jax.jit(run)
+
+    return _jitted(("stream_logits", model, num_sink_slots, window), make)(params, tokens)
+
+
+@jax.jit
+def _sample(logits: Array, key: Array, temperature: Array) -> Array:
+    greedy = jnp.argmax(logits, axis=-1)
+    drawn = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def generate(model, params: Any, prompt: Array, num_tokens: int, *, num_sink_slots: int,
+             window: int, rng: Array, temperature: float = 1.0,
+             decode_step: Optional[Callable] = None) -> Iterator[np.ndarray]:
+    """Streams ``num_tokens`` sampled tokens after ``prompt [B, P]`` (P >= 1), ``[B]`` at a time.
+
+    The prompt is fed through the cache token by token (so a prompt longer
+    than the window is fine); ``temperature=0`` is greedy. Memory stays
+    O(G + W) however long it runs.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [B, P] with P >= 1, got shape {prompt.shape}")
+    V.check_nonneg_int(num_tokens, "num_tokens")
+    step = decode_step or make_decode_step(model)
+    cache = new_stream(model, params, prompt.shape[0], num_sink_slots=num_sink_slots,
+                       window=window)
+    for t in range(prompt.shape[1]):
+        logits, cache = step(params, cache, prompt[:, t])
+    temp = jnp.float32(temperature)
+    for i in range(num_tokens):
+        token = _sample(logits, jax.random.fold_in(rng, i), temp)
+        yield np.asarray(token)
+        if i + 1 < num_tokens:
+            logits, cache = step(params, cache, token)
