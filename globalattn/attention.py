@@ -33,7 +33,6 @@ Window = Union[int, Tuple[int, int]]
 __all__ = [
     "dense_attention",
     "global_local_mask",
-    "global_local_attention",
     "global_local_reference",
     "random_block_indices",
     "gather_global_positions",
