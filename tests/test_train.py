@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from globalattn.train import (Checkpointer, NonFiniteError, apply_overrides, base_config,
                               evaluate, fingerprint, load_config, read_jsonl, train_and_evaluate,
@@ -309,3 +311,47 @@ def test_eval_counts_every_example_whatever_the_batch_size(data_dir):
     assert metrics[0]["num_examples"] == metrics[1]["num_examples"] == 50
     for k in ("loss", "accuracy", "sequence_accuracy"):
         np.testing.assert_allclose(metrics[1][k], metrics[0][k], rtol=1e-5)
+
+
+def _parse_cli(argv: list[str]):
+    """The config exactly as ``experiments/train.py`` parses ``--config`` flags."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    # config_flags finds the --config.* overrides in sys.argv, as in a real command line.
+    saved, sys.argv = sys.argv, ["train", *argv]
+    try:
+        fv(sys.argv)
+    finally:
+        sys.argv = saved
+    return fv.config
+
+
+def test_fsdp_and_axis_rules_are_selected_from_the_command_line(data_dir, tmp_path):
+    base = [f"--config={ROOT}/configs/long_range.py:test", f"--config.data.data_dir={data_dir}",
+            "--config.num_train_steps=2", "--config.optim.warmup_steps=0"]
+    fsdp = _parse_cli(base + ["--config.mesh.data=2", "--config.mesh.fsdp=4"])
+    spec = validate_config(fsdp)
+    assert spec.mesh_shape == {"data": 2, "fsdp": 4, "model": 1}
+    program = loop._program(fsdp, spec)
+    param_specs = [s.spec for s in jax.tree.leaves(program.shardings.params)]
+    # [embed, ...] matrices are split over fsdp (the default rules), never over 'data'.
+    assert any("fsdp" in spec_ for spec_ in param_specs)
+    assert not any("data" in spec_ for spec_ in param_specs)
+    sharded = train_and_evaluate(fsdp, str(tmp_path / "fsdp"))
+    one = train_and_evaluate(apply_overrides(fsdp, {"mesh.data": 1, "mesh.fsdp": 1}),
+                             str(tmp_path / "one"))
+    np.testing.assert_allclose([r["loss"] for r in _train_records(str(tmp_path / "fsdp"))],
+                               [r["loss"] for r in _train_records(str(tmp_path / "one"))],
+                               rtol=1e-5)
+    assert np.isclose(sharded["validation/loss"], one["validation/loss"], rtol=1e-5)
+
+    # Rules from the command line: 'embed' replicated turns FSDP into plain data parallelism.
+    replicated = _parse_cli(base + ["--config.mesh.data=2", "--config.mesh.fsdp=4",
+                                    "--config.logical_axis_rules=(('batch', ('data', 'fsdp')), ('embed', None))"])
+    spec = validate_config(replicated)
+    assert dict(spec.rules)["embed"] is None
+    program = loop._program(replicated, spec)
+    assert not any("fsdp" in s.spec for s in jax.tree.leaves(program.shardings.params))
+    with pytest.raises(ValueError, match=r"model.d_model=16 is not divisible by mesh.fsdp=3"):
+        validate_config(_parse_cli(base + ["--config.mesh.data=1", "--config.mesh.fsdp=3",
+                                           "--config.batch_size=6"]), device_count=8)

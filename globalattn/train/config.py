@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import math
 import numbers
 import os
 import types
@@ -29,6 +30,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from globalattn import data as data_lib
+from globalattn import sharding as sharding_lib
 from globalattn.modules import build_model, default_model_config
 
 __all__ = [
@@ -96,9 +98,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
 
+    # The device mesh, outermost axis first (globalattn.sharding.MESH_AXES). At most one
+    # axis is -1 (the devices left over); a mesh smaller than the machine uses the first
+    # devices. The batch is split over data x fsdp.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis; -1 = all devices left over (a smaller mesh is allowed)
-    c.mesh.model = 1  # tensor-parallel axis (heads, mlp, vocab)
+    c.mesh.data = -1  # pure data parallelism (parameters replicated)
+    c.mesh.fsdp = 1  # data parallelism with parameters / optimizer state split along 'embed'
+    c.mesh.model = 1  # tensor parallelism (heads, mlp)
+    # Logical axis -> mesh axes, e.g. (("embed", "fsdp"), ("heads", "model"), ...); None =
+    # globalattn.sharding.DEFAULT_LOGICAL_AXIS_RULES. Mesh axes a mesh lacks are dropped.
+    c.logical_axis_rules = config_dict.placeholder(tuple)
+    # Multi-host: passed to globalattn.train.distributed.initialize by experiments/train.py.
+    # None = from the environment (GLOBALATTN_* / JAX_* variables, or SLURM / Open MPI /
+    # TPU-pod auto-detection); on one machine nothing is initialized.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = config_dict.placeholder(str)  # host:port of process 0
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
+    c.distributed.local_device_ids = config_dict.placeholder(tuple)  # e.g. (0, 1)
     c.tensorboard = True
     return c
 
@@ -199,7 +216,8 @@ class RunSpec:
       seq_len: T of every batch (max_length, +1 with prepend_cls).
       model_config: the full, locked model config (placeholders filled).
       capacity: static global capacity G of the model (latents for Perceiver).
-      mesh_shape: ``{'data': d, 'model': m}`` with -1 resolved.
+      mesh_shape: every axis of ``config.mesh`` (e.g. data / fsdp / model), -1 resolved.
+      rules: the logical-axis rules (``config.logical_axis_rules`` or the defaults).
       eval_batch_size: global eval batch size (placeholder resolved).
       split_sizes: examples per split of the data config.
     """
@@ -209,6 +227,7 @@ class RunSpec:
     model_config: ml_collections.ConfigDict
     capacity: int
     mesh_shape: dict[str, int]
+    rules: Any
     eval_batch_size: int
     split_sizes: dict[str, int]
 
@@ -299,31 +318,40 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         errors.append(f"nonfinite.inject_at_steps must be step numbers >= 0, got "
                       f"{config.nonfinite.inject_at_steps}")
 
-    # Devices: mesh and batch sizes.
-    d, mp = config.mesh.data, config.mesh.model
-    mesh_shape = {}
-    if not _is_int(mp) or mp < 1:
-        errors.append(f"mesh.model must be a positive int, got {mp!r}")
-    elif not _is_int(d) or (d != -1 and d < 1):
-        errors.append(f"mesh.data must be -1 or a positive int, got {d!r}")
-    elif d == -1 and device_count % mp:
-        errors.append(f"mesh.model={mp} does not divide the {device_count} devices, so "
-                      "mesh.data=-1 cannot take the rest; set mesh.data explicitly")
+    # Devices: mesh, logical-axis rules and batch sizes.
+    mesh_shape: dict[str, int] = {}
+    unknown_axes = sorted(set(config.mesh.keys()) - set(sharding_lib.MESH_AXES))
+    if unknown_axes:
+        errors.append(f"mesh axes {unknown_axes} are not known; use {list(sharding_lib.MESH_AXES)}")
     else:
-        d = device_count // mp if d == -1 else d
-        if d * mp > device_count:
-            errors.append(f"mesh data={d} x model={mp} = {d * mp} devices, but there are only "
-                          f"{device_count}; use mesh.data=-1 to take all that are left")
-        else:  # an explicit smaller mesh uses the first d * mp devices
-            mesh_shape = {"data": d, "model": mp}
+        try:
+            mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh.to_dict(), device_count)
+        except ValueError as err:
+            errors.append(str(err))
+    if mesh_shape.get("seq", 1) > 1:
+        errors.append(f"mesh.seq={mesh_shape['seq']}: the training models do not split the "
+                      "sequence over devices (sequence_parallel_global_local_attention is a "
+                      "library function); set mesh.seq=1")
+    try:
+        rules = sharding_lib.rules_from_config(config.logical_axis_rules)
+    except ValueError as err:
+        errors.append(f"logical_axis_rules: {err}")
+        rules = sharding_lib.DEFAULT_LOGICAL_AXIS_RULES
+    dp = math.prod(mesh_shape.get(a, 1) for a in sharding_lib.BATCH_MESH_AXES)
     eval_bs = config.batch_size if config.eval_batch_size is None else config.eval_batch_size
     for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
         _positive(errors, name, bs)
-        if _is_int(bs) and mesh_shape and bs % mesh_shape["data"]:
-            errors.append(f"{name}={bs} is not divisible by the {mesh_shape['data']} data-parallel "
-                          f"devices (mesh.data); use a multiple of {mesh_shape['data']}")
+        if _is_int(bs) and mesh_shape and bs % dp:
+            errors.append(f"{name}={bs} is not divisible by the {dp} data-parallel devices "
+                          f"(mesh {mesh_shape}: the batch is split over "
+                          f"{' x '.join(sharding_lib.BATCH_MESH_AXES)}); use a multiple of {dp}")
         if _is_int(bs) and bs % process_count:
             errors.append(f"{name}={bs} is not divisible by the {process_count} processes")
+    dist = config.distributed
+    if dist.num_processes is not None and dist.num_processes != process_count \
+            and process_count > 1:
+        errors.append(f"distributed.num_processes={dist.num_processes} but JAX runs "
+                      f"{process_count} processes")
 
     # Data: the task config, its splits and its length.
     try:
@@ -354,18 +382,37 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     except ValueError as err:
         errors.append(f"model: {err}")
         model = None
-    if mesh_shape and mesh_shape["model"] > 1:
-        for name in ("num_heads", "mlp_dim"):
-            if _is_int(model_cfg[name]) and model_cfg[name] % mesh_shape["model"]:
-                errors.append(f"model.{name}={model_cfg[name]} is not divisible by "
-                              f"mesh.model={mesh_shape['model']} (tensor-parallel axis)")
+    if mesh_shape:
+        errors += _model_vs_mesh(model_cfg, mesh_shape, rules)
     if model is not None:
         errors += _model_vs_data(config, model_cfg, task_cfg, seq_len, capacity)
     if errors:
         raise ValueError(_format(errors))
     model_cfg.lock()
     return RunSpec(meta=meta, seq_len=seq_len, model_config=model_cfg, capacity=capacity,
-                   mesh_shape=mesh_shape, eval_batch_size=eval_bs, split_sizes=split_sizes)
+                   mesh_shape=mesh_shape, rules=rules, eval_batch_size=eval_bs, split_sizes=split_sizes)
+
+
+# Logical axes of the parameters -> the model config field that sizes them.
+_PARAM_AXIS_SIZE = {"embed": "d_model", "heads": "num_heads", "mlp": "mlp_dim"}
+
+
+def _model_vs_mesh(m: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                   rules: Any) -> list[str]:
+    """Parameter dimensions that the rules split over mesh axes they do not divide."""
+    errors = []
+    for logical, axes in rules:
+        if logical not in _PARAM_AXIS_SIZE or axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        used = [a for a in axes if mesh_shape.get(a, 1) > 1]
+        n = math.prod(mesh_shape[a] for a in used)
+        field = _PARAM_AXIS_SIZE[logical]
+        if n > 1 and _is_int(m[field]) and m[field] % n:
+            errors.append(f"model.{field}={m[field]} is not divisible by "
+                          f"{' x '.join(f'mesh.{a}={mesh_shape[a]}' for a in used)} = {n} "
+                          f"(logical axis {logical!r} is split over {used})")
+    return errors
 
 
 def _model_vs_data(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict,

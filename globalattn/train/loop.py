@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
@@ -105,7 +104,7 @@ def _program(config: ml_collections.ConfigDict, spec: RunSpec) -> _Program:
     resumed run, seeds of a reproduction) reuse the compiled steps instead of
     compiling them again.
     """
-    mesh_shape, rules = _mesh_and_rules(config, spec)
+    mesh_shape, rules = spec.mesh_shape, spec.rules
     key = json.dumps({
         "model": spec.model_config.to_dict(), "optim": config.optim.to_dict(),
         "steps": config.num_train_steps, "kind": spec.meta.kind, "seq_len": spec.seq_len,
@@ -135,27 +134,6 @@ def _program(config: ml_collections.ConfigDict, spec: RunSpec) -> _Program:
     while len(_PROGRAMS) > _MAX_PROGRAMS:
         _PROGRAMS.popitem(last=False)
     return program
-
-
-def _mesh_and_rules(config: ml_collections.ConfigDict, spec: RunSpec
-                    ) -> tuple[dict[str, int], Any]:
-    """The mesh shape (every axis of ``config.mesh``, e.g. data/fsdp/model) and the rules.
-
-    ``config.logical_axis_rules`` (optional; None = the defaults of
-    :mod:`globalattn.sharding`) maps logical axis names to mesh axes.
-    """
-    shape = sharding_lib.resolve_mesh_shape(config.mesh.to_dict())
-    rules = sharding_lib.rules_from_config(config.get("logical_axis_rules"))
-    if shape.get("seq", 1) > 1:
-        raise ValueError(f"mesh.seq={shape['seq']}: the training models do not split the "
-                         "sequence over devices yet (use sequence_parallel_global_local_"
-                         "attention directly); set mesh.seq=1")
-    dp = math.prod(shape[a] for a in sharding_lib.BATCH_MESH_AXES if a in shape)
-    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", spec.eval_batch_size)):
-        if bs % dp:
-            raise ValueError(f"{name}={bs} is not divisible by the data-parallel size {dp} "
-                             f"(mesh {shape}, batch split over {sharding_lib.BATCH_MESH_AXES})")
-    return shape, rules
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
