@@ -150,3 +150,27 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path):
     res = json.loads(out.read_text())
     assert res["device_count"] == 4 and res["placed"]
     np.testing.assert_allclose(res["next_losses"], expected, rtol=RTOL)
+
+
+def test_distributed_settings_come_from_the_config_then_the_environment():
+    from globalattn.train import base_config
+
+    env = {"GLOBALATTN_COORDINATOR": "envhost:1", "GLOBALATTN_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "1", "GLOBALATTN_LOCAL_DEVICE_IDS": "2,3"}
+    cfg = base_config().distributed  # every field None: the environment decides
+    assert distributed._settings(cfg.to_dict(), env) == {
+        "coordinator_address": "envhost:1", "num_processes": 2, "process_id": 1,
+        "local_device_ids": [2, 3]}
+    cfg.coordinator_address, cfg.num_processes, cfg.process_id = "cfghost:2", 4, 3
+    cfg.local_device_ids = (0,)
+    assert distributed._settings(cfg.to_dict(), env) == {
+        "coordinator_address": "cfghost:2", "num_processes": 4, "process_id": 3,
+        "local_device_ids": [0]}
+    # One machine, nothing configured: nothing to connect.
+    assert distributed.initialize(base_config().distributed.to_dict(), env={}) is False
+    with pytest.raises(ValueError, match=r"process_id=4 outside \[0, num_processes=4\)"):
+        distributed._settings({**cfg.to_dict(), "process_id": 4}, {})
+    with pytest.raises(ValueError, match="needs num_processes"):
+        distributed._settings({"coordinator_address": "h:1"}, {})
+    with pytest.raises(ValueError, match=r"unknown distributed settings \['num_hosts'\]"):
+        distributed._settings({"num_hosts": 2}, {})
