@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.config = "t64"  # a builder config name of that task
     c.data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.prepend_cls = False  # put the task's CLS id at position 0 (ListOps needs it)
+    # Train-set shuffle order; None = seed. Fixing it while varying seed changes only the
+    # initialisation and dropout (what ablations over seeds compare on the same batches).
+    c.data.shuffle_seed = config_dict.placeholder(int)
     c.data.eval_splits = ("validation",)  # evaluated every eval_every steps
     c.data.final_eval_splits = ("validation", "test")  # evaluated once at the end
 
@@ -289,8 +292,11 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     errors: list[str] = []
 
     # Scalars first: later checks use them.
-    if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
-        errors.append(f"seed must be an int in [0, 2**32), got {config.seed!r}")
+    for name in ("seed", "data.shuffle_seed"):
+        value = config.seed if name == "seed" else config.data.shuffle_seed
+        if name == "seed" or value is not None:
+            if not _is_int(value) or not 0 <= value < 2**32:
+                errors.append(f"{name} must be an int in [0, 2**32), got {value!r}")
     _positive(errors, "num_train_steps", config.num_train_steps)
     _positive(errors, "log_every", config.log_every)
     _positive(errors, "eval_every", config.eval_every, 0)

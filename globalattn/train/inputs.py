@@ -36,9 +36,11 @@ def _loader_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict) -> grain.DataLoaderIterator:
-    """Endless shuffled train batches of ``batch_size / process_count`` examples."""
+    """Endless shuffled train batches of ``batch_size / process_count`` examples, in the
+    order of ``data.shuffle_seed`` (None: ``seed``)."""
     per_process = config.batch_size // jax.process_count()
-    return data_lib.make_iterator(config.data.name, "train", per_process, seed=config.seed,
+    seed = config.seed if config.data.shuffle_seed is None else config.data.shuffle_seed
+    return data_lib.make_iterator(config.data.name, "train", per_process, seed=seed,
                                   shuffle=True, num_epochs=None, **_loader_kwargs(config))
 
 

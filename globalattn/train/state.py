@@ -28,6 +28,7 @@ __all__ = [
     "batch_sharding",
     "fingerprint",
     "init_inputs",
+    "init_state",
     "init_train_state",
     "make_init_fn",
     "state_shardings",
@@ -98,6 +99,15 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len:
     abstract = jax.eval_shape(lambda k: _boxed_state(model, tx, seq_len, k), key)
     shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
     return with_shardings(nn.unbox(abstract), shardings), shardings
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
+               key: Array) -> TrainState:
+    """A fresh unboxed state from ``key``, unjitted and unplaced (vmappable over ``key``).
+
+    The values equal :func:`make_init_fn`'s for the same key; only the placement differs.
+    """
+    return nn.unbox(_boxed_state(model, tx, seq_len, key))
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from globalattn.train import tasks
 from globalattn.train.state import TrainState, batch_sharding
 
-__all__ = ["make_eval_step", "make_train_step", "model_inputs"]
+__all__ = ["make_eval_fn", "make_eval_step", "make_step_fn", "make_train_step", "model_inputs"]
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -41,6 +41,62 @@ def _apply_fn(model: nn.Module, num_active_globals: int | None):
                            num_active_globals=num_active_globals,
                            deterministic=deterministic, rngs=rngs)
     return apply
+
+
+def make_step_fn(model: nn.Module, kind: str, *, inject_nonfinite_at: Sequence[int] = ()
+                 ) -> Callable:
+    """The unjitted ``step(state, batch, rng, *, tx, schedule, num_active_globals)``.
+
+    What :func:`make_train_step` jits for one run, and what
+    ``globalattn.train.ablation`` vmaps over variants: ``tx`` and ``schedule``
+    may close over a traced learning rate and ``num_active_globals`` may be a
+    traced int scalar, so one program trains variants that differ in them.
+    Returns ``(new_state, metrics)`` (see :func:`make_train_step`).
+    """
+    poison_steps = jnp.asarray(sorted(set(inject_nonfinite_at)), jnp.int32)
+
+    def loss_fn(params, batch, step, key, num_active_globals):
+        dropout_key, blocks_key = jax.random.split(key)
+        outputs = _apply_fn(model, num_active_globals)(
+            params, batch, deterministic=False,
+            rngs={"dropout": dropout_key, "random_blocks": blocks_key})
+        sums = tasks.metric_sums(kind, outputs, batch, batch["weights"])
+        loss = tasks.means(sums)[tasks.LOSS]
+        if poison_steps.size:
+            loss = loss * jnp.where(jnp.isin(step, poison_steps), jnp.nan, 1.0)
+        return loss, sums
+
+    def step_fn(state: TrainState, batch: Batch, rng: Array, *,
+                tx: optax.GradientTransformation, schedule: optax.Schedule,
+                num_active_globals=None):
+        key = jax.random.fold_in(rng, state.step)
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, state.step, key, num_active_globals)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+            optax.tree.norm(updates))
+        # A select, not a cond: the skipped branch's NaNs never reach the kept values.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_params = optax.apply_updates(state.params, updates)
+        skipped = (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + skipped,
+            consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
+        )
+        metrics = {k: v.astype(jnp.float32) for k, v in tasks.means(sums).items()}
+        metrics.update(
+            loss=loss, grad_norm=grad_norm,
+            learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+            finite=finite.astype(jnp.float32),
+            nonfinite_steps=new_state.nonfinite_steps,
+            consecutive_nonfinite=new_state.consecutive_nonfinite)
+        return new_state, metrics
+
+    return step_fn
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str, *,
@@ -64,48 +120,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
     the task metrics (weighted means over the batch), ``grad_norm``,
     ``learning_rate``, ``finite`` (1 or 0) and the two non-finite counters.
     """
-    apply = _apply_fn(model, num_active_globals)
-    poison_steps = jnp.asarray(sorted(set(inject_nonfinite_at)), jnp.int32)
-
-    def loss_fn(params, batch, step, key):
-        dropout_key, blocks_key = jax.random.split(key)
-        outputs = apply(params, batch, deterministic=False,
-                        rngs={"dropout": dropout_key, "random_blocks": blocks_key})
-        sums = tasks.metric_sums(kind, outputs, batch, batch["weights"])
-        loss = tasks.means(sums)[tasks.LOSS]
-        if poison_steps.size:
-            loss = loss * jnp.where(jnp.isin(step, poison_steps), jnp.nan, 1.0)
-        return loss, sums
-
+    step_fn = make_step_fn(model, kind, inject_nonfinite_at=inject_nonfinite_at)
     traces = [0]
 
     def train_step(state: TrainState, batch: Batch, rng: Array):
         traces[0] += 1  # Python side effect: runs once per trace, not per step
-        key = jax.random.fold_in(rng, state.step)
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, state.step, key)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-            optax.tree.norm(updates))
-        # A select, not a cond: the skipped branch's NaNs never reach the kept values.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_params = optax.apply_updates(state.params, updates)
-        skipped = (~finite).astype(jnp.int32)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
-            nonfinite_steps=state.nonfinite_steps + skipped,
-            consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
-        )
-        metrics = {k: v.astype(jnp.float32) for k, v in tasks.means(sums).items()}
-        metrics.update(
-            loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-            finite=finite.astype(jnp.float32),
-            nonfinite_steps=new_state.nonfinite_steps,
-            consecutive_nonfinite=new_state.consecutive_nonfinite)
-        return new_state, metrics
+        return step_fn(state, batch, rng, tx=tx, schedule=schedule,
+                       num_active_globals=num_active_globals)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(train_step, donate_argnums=(0,),
@@ -125,14 +146,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
     return run
 
 
+def make_eval_fn(model: nn.Module, kind: str) -> Callable:
+    """The unjitted ``eval_fn(params, batch, *, num_active_globals=None) -> {name: (sum, count)}``
+    (deterministic; ``num_active_globals`` may be traced, as in :func:`make_step_fn`)."""
+
+    def eval_fn(params, batch: Batch, *, num_active_globals=None):
+        outputs = _apply_fn(model, num_active_globals)(params, batch, deterministic=True)
+        return tasks.metric_sums(kind, outputs, batch, batch["weights"])
+
+    return eval_fn
+
+
 def make_eval_step(model: nn.Module, kind: str, *, mesh: Mesh, params_shardings: Any,
                    num_active_globals: int | None = None, rules: Any = None) -> Callable:
     """The jitted ``eval_step(params, batch) -> {name: (sum, count)}`` (deterministic)."""
-    apply = _apply_fn(model, num_active_globals)
+    eval_fn = make_eval_fn(model, kind)
 
     def eval_step(params, batch: Batch):
-        outputs = apply(params, batch, deterministic=True)
-        return tasks.metric_sums(kind, outputs, batch, batch["weights"])
+        return eval_fn(params, batch, num_active_globals=num_active_globals)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh, rules)),
