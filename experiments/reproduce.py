@@ -2,7 +2,11 @@
 
     python -m experiments.reproduce sinks            # StreamingLLM sinks -> results/sinks.md
     python -m experiments.reproduce sinks --quick    # smoke run, report in the workdir
+    python -m experiments.reproduce seed_hops        # seed article: hops -> results/seed_hops.md
     python -m experiments.reproduce --list
+
+The seed article's exact numbers: seed_hops, seed_savings, seed_16token,
+seed_connectivity (experiments/seed_tables.py).
 
 A thin dispatcher: ``EXPERIMENTS`` maps a name to a function
 ``fn(*, quick, workdir, results_dir, data_dir) -> dict`` that lives with its
@@ -17,7 +21,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from experiments import sinks
+from experiments import seed_tables, sinks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +29,10 @@ Experiment = Callable[..., dict[str, Any]]
 
 EXPERIMENTS: dict[str, Experiment] = {
     "sinks": sinks.run,
+    "seed_hops": seed_tables.run_hops,
+    "seed_savings": seed_tables.run_savings,
+    "seed_16token": seed_tables.run_16token,
+    "seed_connectivity": seed_tables.run_connectivity,
 }
 
 
