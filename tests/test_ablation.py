@@ -81,3 +81,33 @@ def test_grid_and_variant_errors(config):
     for variants, message in bad:
         with pytest.raises(ValueError, match=message):
             ablation.train_variants(config, variants, print_fn=None)
+
+
+def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
+    from experiments import ablate
+
+    workdir = tmp_path / "ablate"
+    argv = ["ablate", f"--config={ROOT}/configs/global_count.py:test", f"--workdir={workdir}",
+            f"--config.data.data_dir={tmp_path / 'tfds'}", "--num_active_globals=0,4,8",
+            "--speedup_steps=2"]
+    monkeypatch.setattr("sys.argv", argv)  # config_flags reads --config.* from sys.argv
+    out = ablate.main(argv)
+    rows = out["rows"]
+    assert [(r["num_active_globals"], r["seed"]) for r in rows] == [(0, 0), (4, 0), (8, 0)]
+    assert all(0.0 <= r["validation"] <= 1.0 and r["test"] is None for r in rows)
+    (timing,) = out["timings"]
+    assert timing["K"] == 3 and timing["vmapped_step_s"] > 0 and timing["single_step_s"] > 0
+    table = (workdir / "results.md").read_text()
+    assert "| tiny | 0.002 | 4 | 1 |" in table and "speed-up vs K sequential" in table
+    assert (workdir / "accuracy_vs_globals.png").stat().st_size > 1000
+    assert json.loads((workdir / "results.json").read_text())["axes"]["num_active_globals"] == \
+        [0, 4, 8]
+
+
+def test_ablate_axis_errors(config):
+    from experiments import ablate
+
+    with pytest.raises(ValueError, match=r"ablation axes \['seeds'\] are empty"):
+        ablate.run_ablation(config, {"num_active_globals": [0], "seeds": [],
+                                     "learning_rates": [1e-3], "data_configs": ["tiny"]},
+                            "/tmp/unused_ablate")

@@ -115,6 +115,12 @@ class Mqar(builders.SyntheticTaskBuilder):
                    num_pairs=k, num_train=20_000, num_validation=1_000, num_test=1_000)
         for k in (8, 4, 16)
     ] + [
+        # CPU-sized task sizes for the global-count ablation (reproduce global_count).
+        MqarConfig(name=f"v64_t64_k{k}", description=f"V=64, T=64, K={k}.", vocab_size=64,
+                   seq_len=64, num_pairs=k, num_train=20_000, num_validation=500,
+                   num_test=1_000)
+        for k in (2, 4, 8)
+    ] + [
         MqarConfig(name="tiny", description="V=64, T=32, K=4, a few hundred examples (tests).",
                    vocab_size=64, seq_len=32, num_pairs=4,
                    num_train=300, num_validation=50, num_test=50),

@@ -1,0 +1,195 @@
+"""Ablations in ONE compiled program per task size: jax.vmap over global counts, seeds, lrs.
+
+    python -m experiments.ablate --config=configs/global_count.py --workdir=/tmp/ablate
+    python -m experiments.ablate --config=configs/global_count.py:quick --workdir=/tmp/ablate_q \\
+        --num_active_globals=0,8,16 --seeds=0 --learning_rates=1e-3,2e-3 --data_configs=v64_t64_k4
+
+The axes come from the config file's ``ablation(arg)`` (a dict with
+``num_active_globals``, ``seeds``, ``learning_rates`` and ``data_configs``, the
+task sizes); a flag given on the command line replaces that axis. ``--config.*``
+overrides apply first. For each data config, every (global count, seed, lr)
+variant is trained by one vmapped program on the same batches
+(globalattn.train.ablation); then ``--speedup_steps`` steps of that program are
+timed against one variant alone (0 skips it).
+
+Writes to the workdir: ``results.json`` (every variant, timings), ``results.md``
+(the table) and ``accuracy_vs_globals.png`` (one line per task size and lr).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+import globalattn  # noqa: F401  (XLA workaround before any array)
+from globalattn.train import ablation, apply_overrides, load_config_module
+from globalattn.train.cli import parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with an ablation().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_GLOBALS = flags.DEFINE_list("num_active_globals", None, "Global counts, e.g. 0,4,16.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1.")
+_LRS = flags.DEFINE_list("learning_rates", None, "Peak learning rates, e.g. 1e-3,2e-3.")
+_DATA = flags.DEFINE_list("data_configs", None, "Task sizes (data.config names).")
+_SPEEDUP = flags.DEFINE_integer("speedup_steps", None, "Steps to time vmapped vs one variant "
+                                "(default: the config's ablation(); 0 = skip).")
+
+AXES = ("num_active_globals", "seeds", "learning_rates", "data_configs")
+_HEADLINE = ("accuracy", "exact_match")
+
+
+def headline(final: dict[str, Any], split: str) -> float | None:
+    for name in _HEADLINE:
+        if f"{split}/{name}" in final:
+            return final[f"{split}/{name}"]
+    return None
+
+
+def run_ablation(config, axes: dict[str, Sequence], workdir: str, *, speedup_steps: int = 0,
+                 print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Trains the grid for each data config; returns and writes ``results.json``.
+
+    Returns:
+      ``{'rows': [one dict per variant and task size], 'timings': [per task size]}``.
+    """
+    missing = [a for a in AXES if not axes.get(a)]
+    if missing:
+        raise ValueError(f"ablation axes {missing} are empty or missing; got {axes}")
+    os.makedirs(workdir, exist_ok=True)
+    rows, timings = [], []
+    variants = ablation.grid(axes["num_active_globals"], axes["seeds"], axes["learning_rates"])
+    for data_config in axes["data_configs"]:
+        cfg = apply_overrides(config, {"data.config": data_config})
+        if print_fn:
+            print_fn(f"== {cfg.data.name}/{data_config}: {len(variants)} variants in one program")
+        t = time.perf_counter()
+        result = ablation.train_variants(cfg, variants, print_fn=print_fn)
+        timing = {"data_config": data_config, "K": len(variants), "steps": cfg.num_train_steps,
+                  "compile_s": result.compile_s, "train_s": result.train_s,
+                  "total_s": time.perf_counter() - t}
+        if speedup_steps:
+            timing.update(ablation.time_steps(cfg, variants, speedup_steps))
+        timings.append(timing)
+        for v, final in zip(result.variants, result.final):
+            rows.append({"data_config": data_config, "num_active_globals": v.num_active_globals,
+                         "seed": v.seed, "learning_rate": v.learning_rate,
+                         "strategy": cfg.model.strategy.name, "capacity": result.spec.capacity,
+                         "validation": headline(final, "validation"),
+                         "test": headline(final, "test"), **final})
+    out = {"config": json.loads(config.to_json_best_effort()),
+           "axes": {k: list(v) for k, v in axes.items()}, "rows": rows, "timings": timings}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(format_table(rows) + "\n\n" + format_timings(timings) + "\n")
+    plot(rows, os.path.join(workdir, "accuracy_vs_globals.png"))
+    return out
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by (task size, lr, global count): the seeds of one setting."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["data_config"], r["learning_rate"], r["num_active_globals"]),
+                       []).append(r)
+    return out
+
+
+def _pct(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean = 100 * sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ({', '.join(f'{100 * v:.1f}' for v in vals)})"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one line per (task size, lr, global count); mean over seeds (each seed)."""
+    lines = ["| task size | lr | active globals | seeds | val acc % | test acc % | "
+             "skipped steps | diverged |", "|---|---|---|---|---|---|---|---|"]
+    for (data_config, lr, n), group in sorted(_groups(rows).items()):
+        lines.append(
+            f"| {data_config} | {lr:g} | {n} | {len(group)} | "
+            f"{_pct([r['validation'] for r in group])} | {_pct([r['test'] for r in group])} | "
+            f"{sum(r['nonfinite_steps'] for r in group)} | "
+            f"{sum(r['diverged'] for r in group)} |")
+    return "\n".join(lines)
+
+
+def format_timings(timings: list[dict]) -> str:
+    lines = ["| task size | K variants | steps | compile s | train s | one program, s/step | "
+             "one variant, s/step | speed-up vs K sequential |", "|---|---|---|---|---|---|---|---|"]
+    for t in timings:
+        sp = (f"{t['vmapped_step_s']:.3f} | {t['single_step_s']:.3f} | {t['speedup']:.2f}x"
+              if "speedup" in t else "- | - | not measured")
+        lines.append(f"| {t['data_config']} | {t['K']} | {t['steps']} | {t['compile_s']:.1f} | "
+                     f"{t['train_s']:.1f} | {sp} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, split: str = "test") -> None:
+    """Accuracy vs active global tokens, one line per (task size, lr), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple, list[tuple[int, float]]] = {}
+    for (data_config, lr, n), group in sorted(_groups(rows).items()):
+        vals = [r[split] for r in group if r[split] is not None]
+        if vals:
+            lines.setdefault((data_config, lr), []).append((n, 100 * sum(vals) / len(vals)))
+    lrs = {lr for _, lr in lines}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (data_config, lr), pts in lines.items():
+        xs, ys = zip(*sorted(pts))
+        label = data_config if len(lrs) == 1 else f"{data_config}, lr {lr:g}"
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("active global tokens")
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="task size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def config_axes(module, arg: str | None) -> dict[str, Any]:
+    """The config file's ``ablation(arg)`` (an empty dict if it has none)."""
+    fn = getattr(module, "ablation", None)
+    return dict(fn(arg)) if fn is not None else {}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"),
+                usage=__doc__)
+    path, _, arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
+    axes = config_axes(load_config_module(path), arg or None)
+    parse = {"num_active_globals": int, "seeds": int, "learning_rates": float,
+             "data_configs": str}
+    for name, flag in zip(AXES, (_GLOBALS, _SEEDS, _LRS, _DATA)):
+        if flag.value is not None:
+            try:
+                axes[name] = [parse[name](x) for x in flag.value]
+            except ValueError:
+                print(f"error: --{name}={','.join(flag.value)}: not a list of "
+                      f"{parse[name].__name__}", file=sys.stderr)
+                sys.exit(2)
+    speedup = axes.pop("speedup_steps", 0)
+    speedup = speedup if _SPEEDUP.value is None else _SPEEDUP.value
+    out = run_ablation(_CONFIG.value, axes, _WORKDIR.value, speedup_steps=speedup)
+    with open(os.path.join(_WORKDIR.value, "results.md")) as f:
+        print(f.read())
+    return out
+
+
+if __name__ == "__main__":
+    main()
