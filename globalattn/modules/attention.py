@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from globalattn.attention import dense_attention
 from globalattn.global_local import global_local_attention
+from globalattn.rope import apply_rope
 
 Array = jax.Array
 Window = Union[int, Tuple[int, int]]
@@ -75,6 +76,8 @@ class GlobalLocalSelfAttention(nn.Module):
         ``value_global`` for global rows, initialised as copies of the local
         ones (only in ``global_local`` layers, where global rows exist).
       sink_logits: a learned per-head sink logit ``[N]`` (init 0).
+      rope: rotate queries and keys by their position in ``x`` (RoPE), so scores
+        depend on relative positions; H must be even.
       dtype: computation dtype (softmax is float32 regardless); param_dtype.
     """
 
@@ -82,6 +85,7 @@ class GlobalLocalSelfAttention(nn.Module):
     head_dim: Optional[int] = None
     window: Window = 0
     kind: str = "global_local"
+    rope: bool = False
     causal: bool = False
     max_globals: int = 0
     block_size: Optional[int] = None
@@ -109,6 +113,9 @@ class GlobalLocalSelfAttention(nn.Module):
             layer = _proj_in(name, N, H, self.dtype, self.param_dtype)
             proj[name] = (layer, _constrain_heads(layer(x)))
         q, k, v = (proj[n][1] for n in ("query", "key", "value"))
+        positions = jnp.arange(T)
+        rotate = (lambda a: apply_rope(a, positions)) if self.rope else (lambda a: a)  # noqa: E731
+        q, k = rotate(q), rotate(k)
 
         sinks = None
         if self.sink_logits:
@@ -131,7 +138,7 @@ class GlobalLocalSelfAttention(nn.Module):
                                      kernel_init=_copy_of(local["kernel"]),
                                      bias_init=_copy_of(local["bias"]))
                     global_qkv.append(_constrain_heads(layer(x)))
-                global_qkv = tuple(global_qkv)
+                global_qkv = (rotate(global_qkv[0]), rotate(global_qkv[1]), global_qkv[2])
             out = global_local_attention(
                 q, k, v, local_window_size=self.window,
                 global_mask=global_mask if use_globals else None,

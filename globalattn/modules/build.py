@@ -33,6 +33,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.arch = "encoder"  # 'encoder' | 'perceiver'
     c.vocab_size = 256
     c.max_len = 128  # learned absolute positions of data tokens
+    c.rope = False  # also rotary (relative) positions in every encoder attention layer
     c.num_segments = 2  # segment (token-type) embeddings added when segment_ids given; 0 = none
     c.d_model = 64
     c.num_heads = 4
@@ -237,7 +238,7 @@ def build_model(model_cfg: Any) -> nn.Module:
         schedule=schedule, local_per_full=c.local_per_full, causal=c.causal,
         max_globals=strategy.capacity, block_size=strategy.block_size,
         global_projections=c.global_projections, sink_logits=strategy.sink_logits,
-        dropout_rate=c.dropout, remat=c.remat, scan=c.scan, dtype=dtype,
+        rope=c.rope, dropout_rate=c.dropout, remat=c.remat, scan=c.scan, dtype=dtype,
         param_dtype=param_dtype)
     return GlobalTokenModel(embedder, strategy, encoder, head,
                             dropout_rate=c.dropout,

@@ -91,6 +91,7 @@ class EncoderBlock(nn.Module):
     block_size: Optional[int] = None
     global_projections: bool = False
     sink_logits: bool = False
+    rope: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -103,7 +104,7 @@ class EncoderBlock(nn.Module):
             num_heads=self.num_heads, window=self.window, kind=self.kind, causal=self.causal,
             max_globals=self.max_globals, block_size=self.block_size,
             global_projections=self.global_projections, sink_logits=self.sink_logits,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+            rope=self.rope, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
                 h, padding_mask, global_mask, random_blocks)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         h = layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
@@ -146,6 +147,7 @@ class Encoder(nn.Module):
     block_size: Optional[int] = None
     global_projections: bool = False
     sink_logits: bool = False
+    rope: bool = False
     dropout_rate: float = 0.0
     remat: bool = False
     scan: bool = False
@@ -157,7 +159,8 @@ class Encoder(nn.Module):
                 ("window", self.window), ("causal", self.causal),
                 ("max_globals", self.max_globals), ("block_size", self.block_size),
                 ("global_projections", self.global_projections),
-                ("sink_logits", self.sink_logits), ("dropout_rate", self.dropout_rate),
+                ("sink_logits", self.sink_logits), ("rope", self.rope),
+                ("dropout_rate", self.dropout_rate),
                 ("dtype", self.dtype), ("param_dtype", self.param_dtype))
 
     @property
