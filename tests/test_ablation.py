@@ -111,3 +111,28 @@ def test_ablate_axis_errors(config):
         ablate.run_ablation(config, {"num_active_globals": [0], "seeds": [],
                                      "learning_rates": [1e-3], "data_configs": ["tiny"]},
                             "/tmp/unused_ablate")
+
+
+@pytest.mark.slow
+def test_reproduce_global_count_quick(tmp_path):
+    from experiments import reproduce
+
+    out = reproduce.main(["global_count", "--quick", "--workdir", str(tmp_path / "w"),
+                          "--data_dir", str(tmp_path / "tfds")])
+    report = (tmp_path / "w" / "global_count.md").read_text()
+    assert "python -m experiments.reproduce global_count --quick" in report
+    assert len(out["rows"]) == 6 and all(np.isfinite(r["test"]) for r in out["rows"])
+    # With every pair's value position global, every query is reachable.
+    assert out["bounds"]["v64_t64_k2/4"] == 1.0 and out["bounds"]["v64_t64_k4/16"] == 1.0
+    assert 0.0 < out["bounds"]["v64_t64_k4/0"] < 1.0
+    assert (tmp_path / "w" / "global_count.png").exists()
+
+
+def test_reachable_fraction_counts_window_and_global_paths(tmp_path):
+    from experiments.global_count import reachable_fraction
+
+    d = str(tmp_path / "tfds")
+    none = reachable_fraction("mqar", "tiny", "test", data_dir=d, num_globals=0, reach=0)
+    window = reachable_fraction("mqar", "tiny", "test", data_dir=d, num_globals=0, reach=4)
+    every = reachable_fraction("mqar", "tiny", "test", data_dir=d, num_globals=8, reach=0)
+    assert none == 0.0 and 0.0 < window < 1.0 and every == 1.0  # tiny: K = 4, 2K = 8
