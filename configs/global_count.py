@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 100
     c.log_every = 100
     c.checkpoint.every_steps = 0
+    c.mesh.data = 1  # the ablation program runs on one device
     if arg == "quick":
         c.num_train_steps = 30
         c.optim.warmup_steps = 5

@@ -19,14 +19,16 @@ same non-finite policy (tests/test_ablation.py compares them with
 variant that reaches ``nonfinite.max_consecutive`` skipped steps is reported
 as diverged instead of stopping the other variants.
 
-The program runs on one device (the variant axis is a batch axis, so a pod
-would shard it like data; not needed on the CPU this was measured on).
+The program runs on one device and warns when ``config.mesh`` asks for more
+(the variant axis is a batch axis, so a pod could shard it like data; not
+built yet).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -163,6 +165,10 @@ def train_variants(config: ml_collections.ConfigDict, variants: Sequence[Variant
     spec = validate_config(config)
     variants = list(variants)
     _check_variants(variants, spec.capacity)
+    if math.prod(spec.mesh_shape.values()) > 1:
+        warnings.warn(f"the ablation program runs on one device; config.mesh "
+                      f"{spec.mesh_shape} is not used (set mesh.data=1 to silence this)",
+                      stacklevel=2)
     init_one, step_one, eval_one = _step_program(config, spec)
     seeds = jnp.asarray([v.seed for v in variants], jnp.uint32)
     lrs = jnp.asarray([v.learning_rate for v in variants], jnp.float32)
