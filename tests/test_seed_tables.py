@@ -9,7 +9,6 @@ diameters, mask sums for pair counts, a float64 softmax for the weights.
 import math
 
 import numpy as np
-import pytest
 
 import globalattn  # noqa: F401  (sets the XLA flag before any array exists)
 from experiments import reproduce
