@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from experiments import global_count, seed_tables, sinks
+from experiments import global_count, paper_tables, seed_tables, sinks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "seed_savings": seed_tables.run_savings,
     "seed_16token": seed_tables.run_16token,
     "seed_connectivity": seed_tables.run_connectivity,
+    "long_range": paper_tables.run_long_range,
+    "strategies": paper_tables.run_strategies,
+    "listops": paper_tables.run_listops,
 }
 
 
