@@ -25,7 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it
 def main(argv: list[str] | None = None) -> dict:
     parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"), usage=__doc__)
     # Multi-host: connect the processes before any JAX computation (a no-op on one machine).
-    distributed.initialize(_CONFIG.value.distributed.to_dict())
+    settings = _CONFIG.value.get("distributed")
+    distributed.initialize(None if settings is None else settings.to_dict())
     try:
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except ValueError as err:
