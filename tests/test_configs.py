@@ -61,7 +61,14 @@ def test_docstring_has_run_command_and_sweep_applies(name):
     if name in TRAIN_NAMES:
         assert f"--config=configs/{name}.py" in module.__doc__
     runs = config_lib.call_sweep(module, None)
-    assert runs, f"configs/{name}.py has no sweep()"
+    ablation = getattr(module, "ablation", None)  # experiments/ablate.py's axes
+    assert runs or ablation, f"configs/{name}.py has neither sweep() nor ablation()"
+    for arg in ("test", None) if ablation is not None else ():
+        cfg, axes = module.get_config(arg), ablation(arg)
+        for data_config in axes["data_configs"]:
+            spec = validate_config(apply_overrides(cfg, {"data.config": data_config}),
+                                   device_count=1, process_count=1)
+            assert max(axes["num_active_globals"]) <= spec.capacity, (arg, data_config)
     for run_name, cfg in sweep_configs(module.get_config("test"), runs):
         assert run_name
         if name in TRAIN_NAMES:
