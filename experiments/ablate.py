@@ -88,7 +88,8 @@ def run_ablation(config, axes: dict[str, Sequence], workdir: str, *, speedup_ste
         json.dump(out, f, indent=2)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(format_table(rows) + "\n\n" + format_timings(timings) + "\n")
-    plot(rows, os.path.join(workdir, "accuracy_vs_globals.png"))
+    split = "test" if any(r["test"] is not None for r in rows) else "validation"
+    plot(rows, os.path.join(workdir, "accuracy_vs_globals.png"), split)
     return out
 
 
