@@ -279,6 +279,9 @@ def run_table(table: Table, workdir: str) -> list[dict[str, Any]]:
             wd = os.path.join(workdir, v.name, f"seed{seed}")
             shutil.rmtree(wd, ignore_errors=True)  # from scratch: the wall time is the run's
             runs.append(train_and_evaluate(apply_overrides(v.config, {"seed": seed}), wd))
+            if runs[-1]["preempted"]:  # a partial table would mislead: stop, rerun later
+                raise RuntimeError(f"{table.name}/{v.name} seed {seed} was preempted at step "
+                                   f"{runs[-1]['step']}; rerun the command (rows restart)")
         m, active = spec.model_config, v.config.num_active_globals
         rows.append({
             "variant": v.name, "label": v.label, "mirrors": v.mirrors,
