@@ -145,6 +145,17 @@ def _step_program(config: ml_collections.ConfigDict, spec: RunSpec):
     return init_one, step_one, eval_one
 
 
+def _program_inputs(init_one, step_one, variants: Sequence[Variant]):
+    """``(states, keys, lrs, num_active, vstep)``: the stacked per-variant inputs and the
+    jitted vmapped step (state donated) of one K-variant program."""
+    seeds = jnp.asarray([v.seed for v in variants], jnp.uint32)
+    lrs = jnp.asarray([v.learning_rate for v in variants], jnp.float32)
+    num_active = jnp.asarray([v.num_active_globals for v in variants], jnp.int32)
+    states, keys = jax.jit(jax.vmap(init_one))(seeds)
+    vstep = jax.jit(jax.vmap(step_one, in_axes=(0, None, 0, 0, 0)), donate_argnums=(0,))
+    return states, keys, lrs, num_active, vstep
+
+
 def train_variants(config: ml_collections.ConfigDict, variants: Sequence[Variant], *,
                    eval_splits: Sequence[str] | None = None,
                    print_fn: Callable[[str], None] | None = print) -> AblationResult:
@@ -170,12 +181,7 @@ def train_variants(config: ml_collections.ConfigDict, variants: Sequence[Variant
                       f"{spec.mesh_shape} is not used (set mesh.data=1 to silence this)",
                       stacklevel=2)
     init_one, step_one, eval_one = _step_program(config, spec)
-    seeds = jnp.asarray([v.seed for v in variants], jnp.uint32)
-    lrs = jnp.asarray([v.learning_rate for v in variants], jnp.float32)
-    num_active = jnp.asarray([v.num_active_globals for v in variants], jnp.int32)
-
-    states, keys = jax.jit(jax.vmap(init_one))(seeds)
-    vstep = jax.jit(jax.vmap(step_one, in_axes=(0, None, 0, 0, 0)), donate_argnums=(0,))
+    states, keys, lrs, num_active, vstep = _program_inputs(init_one, step_one, variants)
     veval = jax.jit(jax.vmap(eval_one, in_axes=(0, None, 0)))
 
     batch_size = config.batch_size
@@ -268,11 +274,7 @@ def time_steps(config: ml_collections.ConfigDict, variants: Sequence[Variant], s
         next(inputs.make_train_iterator(config)), config.batch_size))
     out: dict[str, float] = {"K": len(variants)}
     for label, group in (("vmapped", variants), ("single", variants[:1])):
-        seeds = jnp.asarray([v.seed for v in group], jnp.uint32)
-        lrs = jnp.asarray([v.learning_rate for v in group], jnp.float32)
-        num_active = jnp.asarray([v.num_active_globals for v in group], jnp.int32)
-        states, keys = jax.jit(jax.vmap(init_one))(seeds)
-        vstep = jax.jit(jax.vmap(step_one, in_axes=(0, None, 0, 0, 0)), donate_argnums=(0,))
+        states, keys, lrs, num_active, vstep = _program_inputs(init_one, step_one, group)
         t = time.perf_counter()
         compiled = vstep.lower(states, batch, keys, lrs, num_active).compile()
         out[f"compile_{label}_s"] = time.perf_counter() - t
