@@ -20,7 +20,7 @@ import time
 import jax
 
 from experiments import sinks
-from globalattn import streaming
+from globalattn.modules import decode
 from globalattn.data import charlm
 
 
@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"--initial_tokens={args.initial_tokens} must lie in [0, cache_size="
                      f"{cache_size})")
     prompt = charlm.encode(args.prompt)[None]
-    step = streaming.make_decode_step(model)
+    step = decode.make_decode_step(model)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     out = []
     start = time.perf_counter()
-    for token in streaming.generate(
+    for token in decode.generate(
             model, params, prompt, args.num_chars, num_sink_slots=args.initial_tokens,
             window=cache_size - args.initial_tokens, rng=jax.random.key(args.seed),
             temperature=args.temperature, decode_step=step):

@@ -35,7 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from globalattn import streaming
+from globalattn.modules import decode
 from globalattn.data import charlm
 from globalattn.modules.lm import CausalLM
 from globalattn.sharding import make_mesh
@@ -203,7 +203,7 @@ def streaming_perplexity(model: CausalLM, params: Any, streams: np.ndarray, *,
         raise ValueError(f"initial_tokens={initial_tokens} must be in [0, cache_size="
                          f"{cache_size})")
     tokens = jnp.asarray(streams, jnp.int32)
-    logits = streaming.stream_logits(model, params, tokens, num_sink_slots=initial_tokens,
+    logits = decode.stream_logits(model, params, tokens, num_sink_slots=initial_tokens,
                                      window=cache_size - initial_tokens)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
     return float(jnp.exp(jnp.mean(nll)))
@@ -358,7 +358,7 @@ def format_report(rows: list[dict], config: ml_collections.ConfigDict, *, quick:
         "per-head sink logit fixed at 0 in every layer (an extra softmax column with value 0).",
         f"* **Streaming**: {s.num_streams} contiguous held-out texts of {s.length} characters "
         f"(longer than the cache and than T), decoded one token at a time through a KV cache "
-        f"of x initial tokens + the {C} - x most recent (`globalattn.streaming`), RoPE at "
+        f"of x initial tokens + the {C} - x most recent (`globalattn.ops.streaming`), RoPE at "
         "positions inside the cache (StreamingLLM's convention). Perplexity per character "
         f"over all {s.num_streams} x {s.length - 1} predictions. For the sink-token model the "
         "learned token is the first of the x initial tokens, as in the paper.",

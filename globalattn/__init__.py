@@ -10,7 +10,8 @@ The public attention API lives at the top level:
 * :func:`sequence_parallel_global_local_attention` -- the same, sharded along T
   with ``jax.shard_map`` (see :mod:`globalattn.sharding` for meshes).
 
-Submodules: ``patterns`` (global-mask helpers), ``analytics`` (pattern
+Submodules: ``ops`` (the pure JAX attention ops behind the names above),
+``kernels`` (accelerator backends), ``patterns`` (global-mask helpers), ``analytics`` (pattern
 counting, hops, connectivity), ``modules`` (Flax), ``data`` (TFDS tasks),
 ``train`` (training loop).
 """
@@ -18,15 +19,15 @@ from globalattn import _xla_workaround
 
 _xla_workaround.apply()  # before any backend exists; see the module docstring
 
-from globalattn.attention import (  # noqa: E402
+from globalattn.ops.dense import (  # noqa: E402
     dense_attention,
     gather_global_positions,
     global_local_mask,
     global_local_reference,
     random_block_indices,
 )
-from globalattn.global_local import global_local_attention  # noqa: E402
-from globalattn.seq_parallel import sequence_parallel_global_local_attention  # noqa: E402
+from globalattn.ops.global_local import global_local_attention  # noqa: E402
+from globalattn.ops.seq_parallel import sequence_parallel_global_local_attention  # noqa: E402
 
 __all__ = [
     "dense_attention",

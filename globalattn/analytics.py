@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from globalattn import _validate as V
+from globalattn.ops import validate as V
 
 Window = Union[int, Tuple[int, int]]
 Globals = Union[Sequence[int], np.ndarray]

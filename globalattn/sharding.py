@@ -10,7 +10,7 @@
   for a boxed (logically annotated) parameter / state tree and for batches,
   with divisibility checks that name the offending leaf.
 * :func:`sequence_parallel_global_local_attention` -- global + local attention
-  with T split across devices (defined in :mod:`globalattn.seq_parallel`).
+  with T split across devices (defined in :mod:`globalattn.ops.seq_parallel`).
 * :func:`comm_bytes_per_layer` -- per-device bytes that scheme communicates,
   next to a ring (all-to-all K/V) scheme, for the benchmark table.
 """
@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from globalattn import _validate as V
-from globalattn.attention import Window
-from globalattn.seq_parallel import sequence_parallel_global_local_attention
+from globalattn.ops import validate as V
+from globalattn.ops.dense import Window
+from globalattn.ops.seq_parallel import sequence_parallel_global_local_attention
 
 __all__ = [
     "BATCH_MESH_AXES",

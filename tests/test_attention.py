@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import globalattn as ga
-from globalattn import global_local as gl_mod
+from globalattn.ops import global_local as gl_mod
 
 F32_FWD, F32_BWD = 1e-5, 2e-5
 # Each example compiles a fresh program (new shapes), so examples are the cost:
@@ -417,3 +417,14 @@ class TestErrors:
             ga.random_block_indices(jax.random.key(0), seq_len=16, block_size=4, num_random_blocks=5)
         with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
             ga.random_block_indices(jax.random.key(0), seq_len=16, block_size=0, num_random_blocks=1)
+
+
+def test_implementation_dispatch():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 12, 2, 4)) for i in range(3))
+    glob = jnp.zeros((1, 12), bool).at[0, 3].set(True)
+    want = ga.global_local_attention(q, k, v, local_window_size=2, global_mask=glob,
+                                             implementation="xla")
+    got = ga.global_local_attention(q, k, v, local_window_size=2, global_mask=glob)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match=r"unknown implementation='nope'.*'auto'.*'xla'"):
+        ga.global_local_attention(q, k, v, local_window_size=2, implementation="nope")

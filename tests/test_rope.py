@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from globalattn.rope import apply_rope, rope_frequencies
+from globalattn.ops.rope import apply_rope, rope_frequencies
 
 B, T, N, H = 2, 7, 3, 8
 

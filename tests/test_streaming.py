@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from globalattn import dense_attention, streaming
+from globalattn import dense_attention
+from globalattn.modules import decode
+from globalattn.ops import streaming
 from globalattn.data import charlm
 from globalattn.modules.lm import CausalLM
-from globalattn.rope import apply_rope
+from globalattn.ops.rope import apply_rope
 from globalattn.train.config import apply_overrides, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +200,7 @@ def _tokens(seed: int, T: int) -> jax.Array:
 def test_streamed_logits_equal_the_windowed_forward(P, sink_logits, G, W):
     model, params = _model(P, sink_logits)
     tokens = _tokens(P + G, 24)
-    streamed = streaming.stream_logits(model, params, tokens, num_sink_slots=G, window=W)
+    streamed = decode.stream_logits(model, params, tokens, num_sink_slots=G, window=W)
     windowed = _forward(model, "windowed", num_sink_slots=G, window=W)(params, tokens)
     full = _forward(model)(params, tokens)
     assert streamed.shape == full.shape == (B, 24, TINY["vocab_size"])
@@ -208,7 +210,7 @@ def test_streamed_logits_equal_the_windowed_forward(P, sink_logits, G, W):
     assert np.max(np.abs(streamed[:, kept:] - full[:, kept:])) > 1e-3  # eviction matters
     assert np.all(np.isfinite(streamed))
     if P == 1:  # a stream shorter than the cache is the full forward, all of it
-        whole = streaming.stream_logits(model, params, tokens, num_sink_slots=G, window=P + 24)
+        whole = decode.stream_logits(model, params, tokens, num_sink_slots=G, window=P + 24)
         np.testing.assert_allclose(whole, full, atol=1e-4)
 
 
@@ -219,15 +221,15 @@ def test_local_window_model_is_the_oracle_without_sinks():
     got = _forward(model)(params, tokens)
     want = _forward(model, "windowed", num_sink_slots=0, window=4)(params, tokens)
     np.testing.assert_allclose(got, want, atol=1e-4)
-    streamed = streaming.stream_logits(model, params, tokens, num_sink_slots=0, window=4)
+    streamed = decode.stream_logits(model, params, tokens, num_sink_slots=0, window=4)
     np.testing.assert_allclose(streamed, want, atol=1e-4)
 
 
 def test_one_trace_fixed_memory_and_generate():
     model, params = _model(1, "learned")
     G, W = 2, 3
-    step = streaming.make_decode_step(model)
-    cache = streaming.new_stream(model, params, B, num_sink_slots=G, window=W)
+    step = decode.make_decode_step(model)
+    cache = decode.new_stream(model, params, B, num_sink_slots=G, window=W)
     shapes = jax.tree.map(lambda x: x.shape, cache)
     assert cache.keys.shape == (2, B, G + W, 2, 8) and int(cache.length) == 1
     tokens = _tokens(7, 4 * (G + W))
@@ -238,14 +240,14 @@ def test_one_trace_fixed_memory_and_generate():
         assert jax.tree.map(lambda x: x.shape, cache) == shapes
     assert step.num_traces() == 1
     assert int(cache.length) == 1 + tokens.shape[1]
-    want = streaming.stream_logits(model, params, tokens, num_sink_slots=G, window=W)
+    want = decode.stream_logits(model, params, tokens, num_sink_slots=G, window=W)
     np.testing.assert_allclose(jnp.stack(logits, 1), want, atol=1e-5)
 
     # Greedy generation continues the stream with the argmax, through the same step.
     prompt = tokens[:, :3]
-    got = list(streaming.generate(model, params, prompt, 9, num_sink_slots=G, window=W,
+    got = list(decode.generate(model, params, prompt, 9, num_sink_slots=G, window=W,
                                   rng=jax.random.key(0), temperature=0.0, decode_step=step))
-    cache = streaming.new_stream(model, params, B, num_sink_slots=G, window=W)
+    cache = decode.new_stream(model, params, B, num_sink_slots=G, window=W)
     for t in range(3):
         out, cache = step(params, cache, prompt[:, t])
     for token in got:

@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from globalattn.attention import dense_attention
-from globalattn.global_local import global_local_attention
-from globalattn.rope import apply_rope
+from globalattn.ops.dense import dense_attention
+from globalattn.ops.global_local import global_local_attention
+from globalattn.ops.rope import apply_rope
 
 Array = jax.Array
 Window = Union[int, Tuple[int, int]]

@@ -21,11 +21,11 @@ One set of parameters, four ways to run it (same blocks, different attention):
   ``window=W``: :func:`globalattn.global_local_attention` with a causal window
   of W tokens (the query's own included) and the sink tokens global.
 * ``windowed(tokens, num_sink_slots=G, window=W)`` -- the streaming oracle:
-  :func:`globalattn.streaming.sink_window_attention` in every layer (what a
+  :func:`globalattn.ops.streaming.sink_window_attention` in every layer (what a
   cache of G sinks + W recent tokens computes, cache-position RoPE).
 * ``decode(tokens [B], cache)`` / ``decode_sink(i, cache)`` -- one token
-  through a :class:`globalattn.streaming.KVCache`; use the helpers of
-  :mod:`globalattn.streaming` (``new_stream``, ``make_decode_step``, ...).
+  through a :class:`globalattn.ops.streaming.KVCache`; use the helpers of
+  :mod:`globalattn.modules.decode` (``new_stream``, ``make_decode_step``, ...).
 * ``attention_weights(tokens)`` -- per-layer attention maps (true positions,
   dense causal), for the sink metric.
 
@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from globalattn import streaming
-from globalattn.attention import dense_attention
-from globalattn.global_local import global_local_attention
+from globalattn.modules import decode
+from globalattn.ops import streaming
+from globalattn.ops.dense import dense_attention
+from globalattn.ops.global_local import global_local_attention
 from globalattn.modules.attention import _proj_in, _proj_out
 from globalattn.modules.encoder import MLP, layer_norm
-from globalattn.rope import DEFAULT_BASE, apply_rope
+from globalattn.ops.rope import DEFAULT_BASE, apply_rope
 
 Array = jax.Array
 # attend(q, k, v, sinks, state) -> (out, state); q, k, v un-rotated [B, T, N, H].
@@ -231,7 +232,7 @@ class CausalLM(nn.Module):
                  padding_mask: Optional[Array] = None) -> Array:
         """Logits ``[B, T, V]`` a stream with G sink slots and W recent tokens produces.
 
-        The oracle of :func:`globalattn.streaming.stream_logits` (exact up to
+        The oracle of :func:`globalattn.modules.decode.stream_logits` (exact up to
         float rounding). The stream is the P sink tokens followed by ``tokens``,
         so G counts the sink tokens too (G = P keeps exactly the learned sinks).
         """

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from globalattn import _validate as V
-from globalattn.attention import gather_global_positions, random_block_indices
+from globalattn.ops import validate as V
+from globalattn.ops.dense import gather_global_positions, random_block_indices
 
 Array = jax.Array
 

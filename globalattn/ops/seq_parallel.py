@@ -19,7 +19,7 @@ Per call a device communicates only:
 
 None of these sizes involves T: communication is O(B*(left + right + G)*N*H)
 per device per layer (see :func:`globalattn.sharding.comm_bytes_per_layer`).
-Non-global rows run the same joint softmax as :mod:`globalattn.global_local`
+Non-global rows run the same joint softmax as :mod:`globalattn.ops.global_local`
 (blockwise local window over ``[halo_left | chunk | halo_right]``, plus the
 global keys outside the window, plus the sink), so the result equals the
 single-device kernel up to float rounding.
@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from globalattn import _validate as V
-from globalattn.attention import Window
-from globalattn.global_local import default_block_q
+from globalattn.ops import validate as V
+from globalattn.ops.dense import Window
+from globalattn.ops.global_local import default_block_q
 
 Array = jax.Array
 

@@ -19,18 +19,19 @@ Cost: O(B*N*T*(block_q + left + right + G + r*block_size)) time and memory.
 """
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from globalattn import _validate as V
-from globalattn.attention import Window, gather_global_positions
+from globalattn.ops import validate as V
+from globalattn.ops.dense import Window, gather_global_positions
 
 Array = jax.Array
 
-__all__ = ["global_local_attention", "default_block_q"]
+__all__ = ["GlobalLocalArgs", "IMPLEMENTATIONS", "default_block_q", "global_local_attention"]
 
 _F32 = jnp.float32
 # Value written into internal block padding. Always 0 in use; tests set it to
@@ -101,6 +102,7 @@ def global_local_attention(
     global_qkv: Optional[Tuple[Array, Array, Array]] = None,
     sinks: Optional[Array] = None,
     block_q: Optional[int] = None,
+    implementation: str = "auto",
 ) -> Array:
     """Sliding-window + global-token (+ BigBird random block) self-attention.
 
@@ -128,12 +130,80 @@ def global_local_attention(
       global_qkv: ``(q_g, k_g, v_g)``, each ``[B, T, N, H]``: global query rows
         use ``q_g`` against ``k_g``/``v_g`` of all tokens (Longformer).
       sinks: ``[N]`` per-head sink logits (extra column with value 0).
-      block_q: static query-block size of the local part (a tuning knob; the
-        result does not depend on it). Default :func:`default_block_q`.
+      block_q: static query-block size of the local part of the ``'xla'``
+        implementation (a tuning knob; the result does not depend on it).
+        Default :func:`default_block_q`.
+      implementation: ``'auto'`` (default), or a name in :data:`IMPLEMENTATIONS`:
+        ``'xla'`` is the pure JAX blockwise kernel. ``'auto'`` picks the fused
+        kernel of the default backend when one is registered (see
+        :data:`AUTO`), else ``'xla'``. Unknown names raise ValueError.
 
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
     """
+    args = _resolve(q, k, v, local_window_size=local_window_size, global_mask=global_mask,
+                    padding_mask=padding_mask, is_causal=is_causal, max_globals=max_globals,
+                    random_blocks=random_blocks, block_size=block_size,
+                    global_qkv=global_qkv, sinks=sinks)
+    name = _implementation_name(implementation)
+    if name == "xla":
+        out = _xla_attention(args, block_q=block_q)
+    else:
+        if block_q is not None:
+            raise ValueError(f"block_q tunes the 'xla' implementation only; got block_q={block_q} "
+                             f"with implementation={name!r}")
+        out = _load(name)(args)
+    return _finish(args, out)
+
+
+class GlobalLocalArgs(NamedTuple):
+    """The validated, normalised arguments every implementation receives.
+
+    An implementation is ``fn(args: GlobalLocalArgs) -> [B, T, N, H]`` (dtype of
+    ``q``) equal to the dense oracle on every non-padded row; padded rows and
+    the over-capacity poisoning are applied afterwards by
+    :func:`global_local_attention` for all implementations alike.
+    """
+
+    q: Array  # [B, T, N, H]
+    k: Array  # [B, T, N, H]
+    v: Array  # [B, T, N, H]
+    left: int  # window: query i sees keys i - left .. i + right (clipped to T - 1;
+    right: int  # right = 0 when causal)
+    padding_mask: Array  # [B, T] bool, True = real token
+    global_mask: Optional[Array]  # [B, T] bool with padding removed; None = no globals
+    max_globals: int  # static capacity G (0 when global_mask is None)
+    is_causal: bool
+    random_blocks: Optional[Array]  # int32 [B or 1, N or 1, ceil(T / block_size), r]
+    block_size: Optional[int]
+    global_qkv: Optional[Tuple[Array, Array, Array]]  # each [B, T, N, H]
+    sinks: Optional[Array]  # [N] float32
+
+
+# name -> "module:function" of an implementation (None: the built-in XLA path).
+# Accelerator kernels live in globalattn.kernels and are imported on first use.
+IMPLEMENTATIONS: dict = {"xla": None}
+# Backend (jax.default_backend()) -> the implementation 'auto' picks there, if registered.
+AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}
+
+
+def _implementation_name(implementation: Any) -> str:
+    if implementation == "auto":
+        name = AUTO.get(jax.default_backend())
+        return name if name in IMPLEMENTATIONS else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation={implementation!r}; known: "
+                         f"{['auto'] + sorted(IMPLEMENTATIONS)}")
+    return implementation
+
+
+def _load(name: str) -> Callable[[GlobalLocalArgs], Array]:
+    module, fn = IMPLEMENTATIONS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _resolve(q, k, v, *, local_window_size, global_mask, padding_mask, is_causal, max_globals,
+             random_blocks, block_size, global_qkv, sinks) -> GlobalLocalArgs:
     B, T, N, H = V.check_qkv(q, k, v)
     if k.shape[1] != T:
         raise ValueError(
@@ -148,6 +218,34 @@ def global_local_attention(
     sinks = V.check_sinks(sinks, N)
     V.check_global_qkv(global_qkv, q.shape)
     glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals)  # G static
+    rb = None
+    if random_blocks is not None:
+        rb = V.check_random_blocks(random_blocks, block_size, B, N, T)
+    elif block_size is not None:
+        raise ValueError("block_size is only meaningful with random_blocks")
+    return GlobalLocalArgs(q, k, v, left, right, pad, glob, G, bool(is_causal), rb,
+                           block_size if rb is not None else None, global_qkv, sinks)
+
+
+def _finish(args: GlobalLocalArgs, out: Array) -> Array:
+    """Shared by every implementation: over capacity -> NaN example; padded rows -> 0."""
+    if args.global_mask is not None:
+        # Over capacity inside jit (outside jit it is a ValueError): poison the
+        # example rather than silently truncate its globals.
+        count = jnp.sum(args.global_mask, axis=-1)
+        out = jnp.where((count > args.max_globals)[:, None, None, None], jnp.nan, out)
+    out = jnp.where(args.padding_mask[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out.astype(args.q.dtype)
+
+
+def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int]) -> Array:
+    """The pure JAX blockwise implementation (``implementation='xla'``)."""
+    q, k, v = args.q, args.k, args.v
+    B, T, N, H = q.shape
+    left, right, pad, glob, G = (args.left, args.right, args.padding_mask, args.global_mask,
+                                 args.max_globals)
+    is_causal, rb, block_size = args.is_causal, args.random_blocks, args.block_size
+    global_qkv, sinks = args.global_qkv, args.sinks
 
     # Masked slots are zeroed so NaN/inf written there reaches nothing
     # (0 * NaN would otherwise leak through matmuls and their gradients).
@@ -160,12 +258,6 @@ def global_local_attention(
 
     qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
     scale = 1.0 / math.sqrt(H)
-
-    rb = None
-    if random_blocks is not None:
-        rb = V.check_random_blocks(random_blocks, block_size, B, N, T)
-    elif block_size is not None:
-        raise ValueError("block_size is only meaningful with random_blocks")
 
     # ---- local part -------------------------------------------------------
     bq = block_q if block_q is not None else default_block_q(T, left, right)
@@ -286,13 +378,4 @@ def global_local_attention(
         slot_pos = jnp.where(gvalid, gpos, T)  # T = out of range, dropped
         out = out.at[jnp.arange(B)[:, None], slot_pos].set(
             jnp.transpose(o_gr, (0, 2, 1, 3)), mode="drop")
-        # Over capacity inside jit: poison the example rather than truncate it.
-        out = jnp.where((gcount > G)[:, None, None, None], jnp.nan, out)
-
-    elif glob is not None:
-        # Capacity 0 with a traced mask: any global is over capacity (see above).
-        over = jnp.any(glob, axis=-1)
-        out = jnp.where(over[:, None, None, None], jnp.nan, out)
-
-    out = jnp.where(keep, out, 0.0)
-    return out.astype(q.dtype)
+    return out

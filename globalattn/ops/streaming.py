@@ -33,11 +33,8 @@ t: two queries per row, which the kernel (one query per row) cannot take.
 Without sinks (G = 0) the two conventions agree and the kernel's causal
 window ``(W - 1, 0)`` is exactly a 0 + W cache.
 
-Model-level helpers (:func:`new_stream`, :func:`make_decode_step`,
-:func:`stream_logits`, :func:`generate`) work with any Linen model exposing
-``decode(tokens [B], cache) -> (logits [B, V], cache)`` and
-``decode_sink(index, cache)`` (see :class:`globalattn.modules.lm.CausalLM`).
-Every row of a batch advances in lockstep (one shared stream length).
+Model-level helpers (``new_stream``, ``make_decode_step``, ``stream_logits``,
+``generate``) live in :mod:`globalattn.modules.decode`.
 """
 from __future__ import annotations
 
@@ -50,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from globalattn import _validate as V
-from globalattn.rope import DEFAULT_BASE, apply_rope
+from globalattn.ops import validate as V
+from globalattn.ops.rope import DEFAULT_BASE, apply_rope
 
 Array = jax.Array
 
@@ -59,20 +56,16 @@ __all__ = [
     "KVCache",
     "cache_attention",
     "cache_layout",
-    "generate",
     "init_cache",
-    "make_decode_step",
-    "new_stream",
     "sink_window_attention",
     "sink_window_mask",
-    "stream_logits",
     "streaming_query_positions",
 ]
 
 _F32 = jnp.float32
 
 
-def _check_cache_shape(num_sink_slots: int, window: int) -> Tuple[int, int]:
+def check_cache_shape(num_sink_slots: int, window: int) -> Tuple[int, int]:
     G = V.check_nonneg_int(num_sink_slots, "num_sink_slots")
     # The newest token must fit in the ring: it attends to itself.
     W = V.check_positive_int(window, "window")
@@ -93,14 +86,14 @@ def sink_window_mask(seq_len: int, *, num_sink_slots: int, window: Optional[int]
     causal = j <= i
     if window is None:
         return causal
-    G, W = _check_cache_shape(num_sink_slots, window)
+    G, W = check_cache_shape(num_sink_slots, window)
     return causal & ((j < G) | (j > i - W))
 
 
 def streaming_query_positions(seq_len: int, *, num_sink_slots: int, window: int) -> Array:
     """int32 ``[T]``: the cache position ``min(t, G + W - 1)`` of the query at stream index t."""
     T = V.check_positive_int(seq_len, "seq_len")
-    G, W = _check_cache_shape(num_sink_slots, window)
+    G, W = check_cache_shape(num_sink_slots, window)
     return jnp.minimum(jnp.arange(T, dtype=jnp.int32), G + W - 1)
 
 
@@ -206,7 +199,7 @@ class KVCache:
 def init_cache(num_layers: int, batch_size: int, num_heads: int, head_dim: int, *,
                num_sink_slots: int, window: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache (length 0) of ``num_sink_slots + window`` slots per layer."""
-    G, W = _check_cache_shape(num_sink_slots, window)
+    G, W = check_cache_shape(num_sink_slots, window)
     for name, x in (("num_layers", num_layers), ("batch_size", batch_size),
                     ("num_heads", num_heads), ("head_dim", head_dim)):
         V.check_positive_int(x, name)
@@ -224,7 +217,7 @@ def cache_layout(length: Array, *, num_sink_slots: int, window: int
       int32 scalar, int32 ``[S]`` cache positions (see the module docstring),
       bool ``[S]``, int32 scalar; ``S = G + W``.
     """
-    G, W = _check_cache_shape(num_sink_slots, window)
+    G, W = check_cache_shape(num_sink_slots, window)
     t = jnp.asarray(length, jnp.int32)
     slot = jnp.arange(G + W, dtype=jnp.int32)
     is_sink = slot < G
@@ -253,7 +246,7 @@ def cache_attention(q: Array, k: Array, v: Array, keys: Array, values: Array, le
     Returns:
       ``(out [B, N, H], keys, values)`` with the new token written.
     """
-    G, W = _check_cache_shape(num_sink_slots, window)
+    G, W = check_cache_shape(num_sink_slots, window)
     B, S, N, H = keys.shape
     if S != G + W or values.shape != keys.shape:
         raise ValueError(f"cache keys {keys.shape} / values {values.shape} do not have "
@@ -281,119 +274,3 @@ def cache_attention(q: Array, k: Array, v: Array, keys: Array, values: Array, le
     return out.astype(q.dtype), keys, values
 
 
-# --------------------------------------------------------------------------
-# Model-level streaming.
-# --------------------------------------------------------------------------
-# Jitted functions by (kind, model, shapes): Linen modules are hashable dataclasses, so
-# an equal model reuses its compiled function. Oldest entries go first past the cap.
-_JITTED: "collections.OrderedDict[tuple, Callable]" = collections.OrderedDict()
-_MAX_JITTED = 32
-
-
-def _jitted(key: tuple, make: Callable[[], Callable]) -> Callable:
-    if key not in _JITTED:
-        _JITTED[key] = make()
-        while len(_JITTED) > _MAX_JITTED:
-            _JITTED.popitem(last=False)
-    return _JITTED[key]
-
-
-def new_stream(model, params: Any, batch_size: int, *, num_sink_slots: int, window: int
-               ) -> KVCache:
-    """A cache that has already consumed the model's learned sink tokens (if any).
-
-    ``model`` needs ``num_layers``, ``num_heads``, ``head_dim``, ``num_sink_tokens``,
-    ``dtype`` and a ``decode_sink(index, cache)`` method. Jitted once per
-    (model, batch, cache shape).
-    """
-    V.check_positive_int(batch_size, "batch_size")
-    _check_cache_shape(num_sink_slots, window)
-    fn = _jitted(("new_stream", model, batch_size, num_sink_slots, window),
-                 lambda: jax.jit(lambda p: _new_stream(model, p, batch_size, num_sink_slots,
-                                                       window)))
-    return fn(params)
-
-
-def _new_stream(model, params, batch_size: int, num_sink_slots: int, window: int) -> KVCache:
-    cache = init_cache(model.num_layers, batch_size, model.num_heads, model.head_dim,
-                       num_sink_slots=num_sink_slots, window=window, dtype=model.dtype)
-    for i in range(model.num_sink_tokens):
-        cache = model.apply({"params": params}, i, cache, method="decode_sink")
-    return cache
-
-
-def make_decode_step(model) -> Callable:
-    """The jitted ``step(params, cache, tokens [B] int) -> (logits [B, V] f32, cache)``.
-
-    Traced once per (cache shape, batch): the stream length is data, not a
-    shape. ``step.num_traces()`` counts traces (tests).
-    """
-    traces = [0]
-
-    def step(params, cache: KVCache, tokens: Array):
-        traces[0] += 1  # Python side effect: runs once per trace
-        return model.apply({"params": params}, tokens, cache, method="decode")
-
-    jitted = jax.jit(step)
-    jitted.num_traces = lambda: traces[0]
-    return jitted
-
-
-def stream_logits(model, params: Any, tokens: Array, *, num_sink_slots: int, window: int
-                  ) -> Array:
-    """Feeds ``tokens [B, L]`` through a fresh stream one at a time; logits ``[B, L, V]``.
-
-    ``logits[:, t]`` predicts ``tokens[:, t + 1]`` having seen only what the
-    cache holds. A ``lax.scan`` of the decode step (one compile per shape).
-    """
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
-    _check_cache_shape(num_sink_slots, window)
-
-    def make() -> Callable:
-        def run(params, tokens):
-            cache = _new_stream(model, params, tokens.shape[0], num_sink_slots, window)
-
-            def body(c, tok):
-                logits, c = model.apply({"params": params}, tok, c, method="decode")
-                return c, logits
-
-            _, logits = jax.lax.scan(body, cache, jnp.swapaxes(tokens, 0, 1))
-            return jnp.swapaxes(logits, 0, 1)
-
-        return jax.jit(run)
-
-    return _jitted(("stream_logits", model, num_sink_slots, window), make)(params, tokens)
-
-
-@jax.jit
-def _sample(logits: Array, key: Array, temperature: Array) -> Array:
-    greedy = jnp.argmax(logits, axis=-1)
-    drawn = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-
-
-def generate(model, params: Any, prompt: Array, num_tokens: int, *, num_sink_slots: int,
-             window: int, rng: Array, temperature: float = 1.0,
-             decode_step: Optional[Callable] = None) -> Iterator[np.ndarray]:
-    """Streams ``num_tokens`` sampled tokens after ``prompt [B, P]`` (P >= 1), ``[B]`` at a time.
-
-    The prompt is fed through the cache token by token (so a prompt longer
-    than the window is fine); ``temperature=0`` is greedy. Memory stays
-    O(G + W) however long it runs.
-    """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be [B, P] with P >= 1, got shape {prompt.shape}")
-    V.check_nonneg_int(num_tokens, "num_tokens")
-    step = decode_step or make_decode_step(model)
-    cache = new_stream(model, params, prompt.shape[0], num_sink_slots=num_sink_slots,
-                       window=window)
-    for t in range(prompt.shape[1]):
-        logits, cache = step(params, cache, prompt[:, t])
-    temp = jnp.float32(temperature)
-    for i in range(num_tokens):
-        token = _sample(logits, jax.random.fold_in(rng, i), temp)
-        yield np.asarray(token)
-        if i + 1 < num_tokens:
-            logits, cache = step(params, cache, token)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from globalattn import _validate as V
+from globalattn.ops import validate as V
 
 Array = jax.Array
 Window = Union[int, Tuple[int, int]]

@@ -1,0 +1,7 @@
+"""Accelerator backends of :func:`globalattn.global_local_attention`.
+
+Each backend is selected with ``implementation=`` and must equal the dense
+oracle (:func:`globalattn.global_local_reference`) forward and backward; on a
+backend other than its own it runs in Pallas interpret mode, so its oracle
+tests run on a CPU.
+"""
