@@ -5,3 +5,7 @@ oracle (:func:`globalattn.global_local_reference`) forward and backward; on a
 backend other than its own it runs in Pallas interpret mode, so its oracle
 tests run on a CPU.
 """
+
+# implementation name -> "module:function" taking a GlobalLocalArgs
+# (see globalattn.ops.global_local); imported only when first used.
+KERNELS: dict = {}

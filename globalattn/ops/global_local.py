@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from globalattn.kernels import KERNELS
 from globalattn.ops import validate as V
 from globalattn.ops.dense import Window, gather_global_positions
 
@@ -181,8 +182,8 @@ class GlobalLocalArgs(NamedTuple):
 
 
 # name -> "module:function" of an implementation (None: the built-in XLA path).
-# Accelerator kernels live in globalattn.kernels and are imported on first use.
-IMPLEMENTATIONS: dict = {"xla": None}
+# Accelerator kernels register in globalattn.kernels.KERNELS and are imported on first use.
+IMPLEMENTATIONS: dict = {"xla": None, **KERNELS}
 # Backend (jax.default_backend()) -> the implementation 'auto' picks there, if registered.
 AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}
 
