@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import globalattn as ga
+from globalattn.ops import core as core_mod
 from globalattn.ops import global_local as gl_mod
 
 F32_FWD, F32_BWD = 1e-5, 2e-5
@@ -182,12 +183,12 @@ def test_nan_in_masked_slots_and_block_padding_never_leaks(c):
     poison = lambda x: jnp.where(bad, jnp.nan, x)  # noqa: E731
     qn, kn, vn = poison(q), poison(k), poison(v)
     gn = None if gqkv is None else tuple(poison(x) for x in gqkv)
-    old = gl_mod._BLOCK_PAD_FILL
-    gl_mod._BLOCK_PAD_FILL = float("nan")
+    old = core_mod.BLOCK_PAD_FILL
+    core_mod.BLOCK_PAD_FILL = float("nan")
     try:
         out, g = _fwd_and_grads(_efficient, c, qn, kn, vn, gn, cot)
     finally:
-        gl_mod._BLOCK_PAD_FILL = old
+        core_mod.BLOCK_PAD_FILL = old
     _assert_close_finite(out, clean_out, 0.0, "forward with NaN in masked slots")
     _assert_close_finite(g, clean_g, 0.0, "gradients with NaN in masked slots")
 

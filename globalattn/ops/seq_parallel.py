@@ -19,10 +19,10 @@ Per call a device communicates only:
 
 None of these sizes involves T: communication is O(B*(left + right + G)*N*H)
 per device per layer (see :func:`globalattn.sharding.comm_bytes_per_layer`).
-Non-global rows run the same joint softmax as :mod:`globalattn.ops.global_local`
-(blockwise local window over ``[halo_left | chunk | halo_right]``, plus the
-global keys outside the window, plus the sink), so the result equals the
-single-device kernel up to float rounding.
+Non-global rows are built from the same parts and joint softmax as the
+single-device path (:mod:`globalattn.ops.core`: the blockwise local window
+over ``[halo_left | chunk | halo_right]``, the global keys outside the
+window, the sink), so the result equals it up to float rounding.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from globalattn.ops import core
 from globalattn.ops import validate as V
 from globalattn.ops.dense import Window
 from globalattn.ops.global_local import default_block_q
@@ -41,8 +42,6 @@ from globalattn.ops.global_local import default_block_q
 Array = jax.Array
 
 __all__ = ["sequence_parallel_global_local_attention"]
-
-_F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,59 +60,44 @@ class _Cfg:
     has_gqkv: bool
 
 
-def _zero_masked(x: Array, keep: Array) -> Array:
-    # 0 * NaN = NaN, so masked slots are replaced, not multiplied away.
-    return jnp.where(keep, x, jnp.zeros((), x.dtype))
-
-
 def _exchange_halos(k: Array, v: Array, pad: Array, cfg: _Cfg) -> Tuple[Array, Array, Array]:
-    """``[halo_left | chunk | halo_right]`` of k, v ``[B, C, N, H]`` and pad ``[B, C]``.
+    """``[halo_left | chunk | halo_right]`` of k, v ``[B, N, C, H]`` and pad ``[B, C]``.
 
     Halos past the ends of the sequence arrive as zeros with pad False (a
     non-cyclic ppermute fills unreceived slots with zeros), so they are never
     attended.
     """
+    C = cfg.C
     parts = [(k, v, pad)]
     if cfg.left:
-        tail = tuple(x[:, cfg.C - cfg.left:] for x in (k, v, pad))
+        tail = (k[:, :, C - cfg.left:], v[:, :, C - cfg.left:], pad[:, C - cfg.left:])
         parts.insert(0, jax.lax.ppermute(tail, cfg.axis, [(i, i + 1) for i in range(cfg.P - 1)]))
     if cfg.right:
-        head = tuple(x[:, :cfg.right] for x in (k, v, pad))
+        head = (k[:, :, :cfg.right], v[:, :, :cfg.right], pad[:, :cfg.right])
         parts.append(jax.lax.ppermute(head, cfg.axis, [(i + 1, i) for i in range(cfg.P - 1)]))
     ks, vs, ms = zip(*parts)
-    return (jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1),
+    return (jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2),
             jnp.concatenate(ms, axis=1))
 
 
-def _slabs(x: Array, nb: int, bq: int, nl: int, nr: int, lead: int) -> Array:
-    """Key slabs ``[B, nb, (nl + 1 + nr)*bq, ...]`` from a haloed chunk.
-
-    x: ``[B, lead + C + trail, ...]`` with ``lead`` halo rows before the chunk.
-    Padding the front to ``nl*bq`` rows aligns chunk row 0 with block ``nl``,
-    so slab c is blocks ``c .. c + nl + nr`` -- slices, no gather.
-    """
-    rows = (nb + nl + nr) * bq
-    front = nl * bq - lead
-    tail = rows - front - x.shape[1]
-    xp = jnp.pad(x, [(0, 0), (front, tail)] + [(0, 0)] * (x.ndim - 2))
-    xb = xp.reshape((x.shape[0], nb + nl + nr, bq) + x.shape[2:])
-    return jnp.concatenate([xb[:, s:s + nb] for s in range(nl + 1 + nr)], axis=2)
-
-
 def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cfg: _Cfg) -> Array:
-    """One device's rows. q, k, v: ``[B, C, N, H]``; pad, glob: ``[B, C]``."""
+    """One device's rows. q, k, v: ``[B, C, N, H]``; pad, glob: ``[B, C]``.
+
+    The same parts and joint softmax as the single-device ``'xla'`` path
+    (:mod:`globalattn.ops.core`); this function only supplies the halos, the
+    global buffer and the cross-device reductions of the global rows.
+    """
     it = iter(extra)
     glob = next(it) if cfg.has_glob else None
     sinks = next(it) if cfg.has_sinks else None
     gqkv = (next(it), next(it), next(it)) if cfg.has_gqkv else None
 
     B, C, N, H = q.shape
-    G, left, right, bq = cfg.G, cfg.left, cfg.right, cfg.bq
+    G, left, right = cfg.G, cfg.left, cfg.right
     scale = 1.0 / math.sqrt(H)
     base = jax.lax.axis_index(cfg.axis) * C  # global position of chunk row 0
     qpos = base + jnp.arange(C, dtype=jnp.int32)  # [C]
-    keep = pad[:, :, None, None]
-    qz, kz, vz = (_zero_masked(x, keep) for x in (q, k, v))
+    qz, kz, vz = core.prepare(q, k, v, pad)  # [B, N, C, H]
     bidx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, C))
 
     # ---- global buffer: counts -> slots -> psum of per-shard scatters -----
@@ -132,96 +116,44 @@ def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cf
             buf = jnp.zeros((B, G) + x.shape[2:], x.dtype)
             return buf.at[bidx, slot].set(x, mode="drop")
 
+        def scatter_heads(x):  # [B, N, C, H] -> [B, N, G, H]
+            return jnp.swapaxes(scatter(jnp.swapaxes(x, 1, 2)), 1, 2)
+
         if gqkv is not None:
-            qg_src, kg_src, vg_src = (_zero_masked(x, keep) for x in gqkv)
+            qg_src, kg_src, vg_src = core.prepare(*gqkv, pad)
         else:
             qg_src, kg_src, vg_src = qz, kz, vz
         # Each slot is filled by exactly one shard, so the sum is an assembly.
         gpos, k_g, v_g, q_rows = jax.lax.psum(
-            (scatter(jnp.broadcast_to(qpos, (B, C))), scatter(kz), scatter(vz), scatter(qg_src)),
-            cfg.axis)
+            (scatter(jnp.broadcast_to(qpos, (B, C))), scatter_heads(kz), scatter_heads(vz),
+             scatter_heads(qg_src)), cfg.axis)
         gvalid = jnp.arange(G)[None, :] < total[:, None]  # [B, G]
 
-    # ---- local part over [halo_left | chunk | halo_right] -----------------
+    # ---- non-global rows: local window over [halo_left | chunk | halo_right]
+    # and the global keys outside it, one joint softmax with the sink ------
     k_ext, v_ext, pad_ext = _exchange_halos(kz, vz, pad, cfg)
-    nb = -(-C // bq)
-    Cp = nb * bq
-    nl, nr = -(-left // bq), -(-right // bq)
-    kw = (nl + 1 + nr) * bq
-    q_loc = jnp.pad(qz, [(0, 0), (0, Cp - C), (0, 0), (0, 0)]).reshape(B, nb, bq, N, H)
-    k_slab = _slabs(k_ext, nb, bq, nl, nr, left)  # [B, nb, kw, N, H]
-    v_slab = _slabs(v_ext, nb, bq, nl, nr, left)
-    key_ok = _slabs(pad_ext, nb, bq, nl, nr, left)  # [B, nb, kw]
-    rel = (jnp.arange(kw)[None, :] - nl * bq) - jnp.arange(bq)[:, None]  # j - i, [bq, kw]
-    win = (rel >= -left) & (rel <= right)
-    m_loc = (win[None, None] & key_ok[:, :, None, :])[:, None]  # [B, 1, nb, bq, kw]
-    s_loc = jnp.einsum("bcqnh,bcknh->bncqk", q_loc, k_slab, preferred_element_type=_F32) * scale
-    s_loc = jnp.where(m_loc, s_loc, -jnp.inf)
-    row_max = jnp.max(s_loc, axis=-1).reshape(B, N, Cp)[..., :C]  # [B, N, C]
-
-    # ---- global keys outside the window (a pair counts once) --------------
+    parts = [core.local_part(qz, k_ext, v_ext, pad, pad_ext, left=left, right=right,
+                             block_q=cfg.bq, scale=scale, lead=left)]
     if G > 0:
-        rel_g = gpos[:, None, :] - qpos[None, :, None]  # [B, C, G]
-        m_gc = gvalid[:, None, :] & ~((rel_g >= -left) & (rel_g <= right))
-        if cfg.causal:
-            m_gc = m_gc & (rel_g <= 0)
-        m_gc = m_gc[:, None]  # [B, 1, C, G]
-        s_gc = jnp.einsum("btnh,bgnh->bntg", qz, k_g, preferred_element_type=_F32) * scale
-        s_gc = jnp.where(m_gc, s_gc, -jnp.inf)
-        row_max = jnp.maximum(row_max, jnp.max(s_gc, axis=-1))
-
-    # ---- joint softmax of local + global columns + sink -------------------
-    if sinks is not None:
-        row_max = jnp.maximum(row_max, sinks[None, :, None])
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    row_max = jax.lax.stop_gradient(row_max)  # any shift is exact; keep it out of autodiff
-    m5 = jnp.pad(row_max, [(0, 0), (0, 0), (0, Cp - C)]).reshape(B, N, nb, bq, 1)
-    p_loc = jnp.where(m_loc, jnp.exp(s_loc - m5), 0.0)
-    denom = jnp.sum(p_loc, axis=-1).reshape(B, N, Cp)[..., :C]
-    o = jnp.einsum("bncqk,bcknh->bcqnh", p_loc.astype(v.dtype), v_slab,
-                   preferred_element_type=_F32).reshape(B, Cp, N, H)[:, :C]
-    if G > 0:
-        p_gc = jnp.where(m_gc, jnp.exp(s_gc - row_max[..., None]), 0.0)
-        denom = denom + jnp.sum(p_gc, axis=-1)
-        o = o + jnp.einsum("bntg,bgnh->btnh", p_gc.astype(v.dtype), v_g,
-                           preferred_element_type=_F32)
-    if sinks is not None:
-        denom = denom + jnp.exp(sinks[None, :, None] - row_max)
-    denom = jnp.where(denom > 0, denom, 1.0)
-    out = o / jnp.transpose(denom, (0, 2, 1))[..., None]
+        parts.append(core.global_column_part(qz, k_g, v_g, gpos, gvalid, qpos, pad, left=left,
+                                             right=right, is_causal=cfg.causal, scale=scale))
+    out = jnp.swapaxes(core.joint_softmax(parts, C, sinks=sinks), 1, 2)  # [B, C, N, H]
 
     # ---- global rows: partial softmax per shard, combined by log-sum-exp --
     if G > 0:
-        s_gr = jnp.einsum("bgnh,bcnh->bngc", q_rows, kg_src, preferred_element_type=_F32) * scale
-        m_gr = gvalid[:, :, None] & pad[:, None, :]  # [B, G, C]
-        if cfg.causal:
-            m_gr = m_gr & (qpos[None, None, :] <= gpos[:, :, None])
-        m_gr = m_gr[:, None]  # [B, 1, G, C]
-        s_gr = jnp.where(m_gr, s_gr, -jnp.inf)
-        # stop_gradient before pmax: the shift is exact and pmax needs no derivative.
-        mx = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(s_gr, axis=-1)), cfg.axis)  # [B, N, G]
-        if sinks is not None:
-            mx = jnp.maximum(mx, sinks[None, :, None])
-        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-        p_gr = jnp.where(m_gr, jnp.exp(s_gr - mx[..., None]), 0.0)
-        den_g, o_gr = jax.lax.psum(
-            (jnp.sum(p_gr, axis=-1),
-             jnp.einsum("bngc,bcnh->bgnh", p_gr.astype(vg_src.dtype), vg_src,
-                        preferred_element_type=_F32)),
-            cfg.axis)
-        if sinks is not None:
-            den_g = den_g + jnp.exp(sinks[None, :, None] - mx)
-        den_g = jnp.where(den_g > 0, den_g, 1.0)
-        o_gr = o_gr / jnp.transpose(den_g, (0, 2, 1))[..., None]
+        rows = core.global_row_part(q_rows, kg_src, vg_src, gpos, gvalid, qpos, pad,
+                                    is_causal=cfg.causal, scale=scale)
+        o_gr = core.joint_softmax([rows], G, sinks=sinks, axis_name=cfg.axis)  # [B, N, G, H]
         # Only the shard that owns a global row writes it.
         mine = gvalid & (gpos >= base) & (gpos < base + C)
         local_pos = jnp.where(mine, gpos - base, C)  # C = out of range, dropped
-        out = out.at[jnp.arange(B)[:, None], local_pos].set(o_gr, mode="drop")
+        out = out.at[jnp.arange(B)[:, None], local_pos].set(jnp.swapaxes(o_gr, 1, 2),
+                                                             mode="drop")
     if cfg.has_glob:
         # Over capacity inside jit: poison the example rather than truncate it.
         out = jnp.where((total > G)[:, None, None, None], jnp.nan, out)
 
-    out = jnp.where(keep, out, 0.0)
+    out = jnp.where(pad[:, :, None, None], out, 0.0)
     return out.astype(q.dtype)
 
 
