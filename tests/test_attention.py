@@ -429,3 +429,86 @@ def test_implementation_dispatch():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match=r"unknown implementation='nope'.*'auto'.*'xla'"):
         ga.global_local_attention(q, k, v, local_window_size=2, implementation="nope")
+
+
+# ---- non-finite inputs and traced arguments -------------------------------------------
+def _nan_pattern_matches_oracle(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(np.nan_to_num(out), np.nan_to_num(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_value_reaches_only_the_rows_that_attend_it():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 12, 1, 4)) for i in range(3))
+    out = ga.global_local_attention(q, k, v.at[0, 5].set(jnp.nan), local_window_size=1)
+    rows = np.where(np.isnan(np.asarray(out)).any(axis=(2, 3)))[1]
+    np.testing.assert_array_equal(rows, [4, 5, 6])
+    dense = ga.dense_attention(q, k, v.at[0, 5].set(jnp.nan),
+                               ga.global_local_mask(12, local_window_size=1)[:, None])
+    np.testing.assert_array_equal(np.where(np.isnan(np.asarray(dense)).any(axis=(2, 3)))[1],
+                                  [4, 5, 6])
+
+
+@pytest.mark.parametrize("where", ["k", "v", "q", "kg", "vg"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_finite_token_matches_oracle_nan_pattern(where, causal):
+    B, T, N, H = 2, 21, 2, 4
+    keys = jax.random.split(jax.random.key(7), 6)
+    q, k, v, qg, kg, vg = (jax.random.normal(x, (B, T, N, H)) for x in keys)
+    bad = {"q": q, "k": k, "v": v, "qg": qg, "kg": kg, "vg": vg}
+    bad[where] = bad[where].at[0, 9, 1, 2].set(jnp.nan).at[1, 3, 0, 0].set(jnp.inf)
+    glob = jnp.zeros((B, T), bool).at[0, 15].set(True).at[1, 0].set(True).at[1, 11].set(True)
+    pad = jnp.ones((B, T), bool).at[1, 18:].set(False)
+    rb = ga.random_block_indices(jax.random.key(3), seq_len=T, block_size=4,
+                                 num_random_blocks=1, batch_size=B, num_heads=N)
+    kw = dict(local_window_size=(2, 1), global_mask=glob, padding_mask=pad, is_causal=causal,
+              random_blocks=rb, block_size=4,
+              global_qkv=(bad.get("qg", qg), bad.get("kg", kg), bad.get("vg", vg)))
+    out = ga.global_local_attention(bad["q"], bad["k"], bad["v"], **kw)
+    ref = ga.global_local_reference(bad["q"], bad["k"], bad["v"], **kw)
+    assert np.isnan(np.asarray(ref)).any() and not np.isnan(np.asarray(ref)).all()
+    _nan_pattern_matches_oracle(out, ref)
+
+
+def test_nan_sink_logit_poisons_its_head_only():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 10, 3, 4)) for i in range(3))
+    sinks = jnp.array([0.0, jnp.nan, 1.0])
+    for out in (ga.global_local_attention(q, k, v, local_window_size=2, sinks=sinks),
+                ga.dense_attention(q, k, v, ga.global_local_mask(10, local_window_size=2)[:, None],
+                                   sinks=sinks)):
+        nan = np.isnan(np.asarray(out))
+        assert nan[:, :, 1].all() and not nan[:, :, [0, 2]].any()
+
+
+def test_out_of_range_random_blocks_under_jit_select_nothing():
+    T, bs = 12, 4
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, T, 2, 4)) for i in range(3))
+    rb = jnp.array([[[[-1, 2], [0, 3], [-3, 7]], [[2, -2], [1, 5], [0, 0]]]], jnp.int32)
+
+    @jax.jit
+    def both(rb):
+        kw = dict(local_window_size=1, random_blocks=rb, block_size=bs)
+        return ga.global_local_attention(q, k, v, **kw), ga.global_local_reference(q, k, v, **kw)
+
+    out, ref = both(rb)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    in_range = jnp.where((rb >= 0) & (rb < 3), rb, 0)  # index 0 is drawn anyway where valid
+    assert not np.allclose(np.asarray(out), np.asarray(both(in_range)[0]))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_constant_global_mask_under_jit_needs_no_max_globals(kind):
+    T = 16
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, T, 2, 4)) for i in range(3))
+    g = np.zeros((2, T), bool)
+    g[0, [1, 9]] = True
+    g[1, 4] = True
+    glob = g if kind == "numpy" else jnp.asarray(g)
+    out = jax.jit(lambda q, k, v: ga.global_local_attention(q, k, v, local_window_size=2,
+                                                           global_mask=glob))(q, k, v)
+    ref = ga.global_local_reference(q, k, v, local_window_size=2, global_mask=jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"max_globals=1.*\{0: 2\}"):
+        jax.jit(lambda q: ga.global_local_attention(q, k, v, local_window_size=2,
+                                                    global_mask=glob, max_globals=1))(q)

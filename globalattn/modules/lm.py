@@ -17,7 +17,8 @@ Attention sinks, the three kinds StreamingLLM compares:
 One set of parameters, four ways to run it (same blocks, different attention):
 
 * ``__call__(tokens, padding_mask)`` -- training / evaluation at true
-  positions ``0 .. P+T-1``. ``window=None``: dense causal attention;
+  positions ``0 .. P+T-1``. ``window=None``: full causal attention (a causal
+  window covering the sequence);
   ``window=W``: :func:`globalattn.global_local_attention` with a causal window
   of W tokens (the query's own included) and the sink tokens global.
 * ``windowed(tokens, num_sink_slots=G, window=W)`` -- the streaming oracle:
@@ -43,7 +44,6 @@ import numpy as np
 
 from globalattn.modules import decode
 from globalattn.ops import streaming
-from globalattn.ops.dense import dense_attention
 from globalattn.ops.global_local import global_local_attention
 from globalattn.modules.attention import _proj_in, _proj_out
 from globalattn.modules.encoder import MLP, layer_norm
@@ -218,11 +218,10 @@ class CausalLM(nn.Module):
 
         def attend(q, k, v, sinks, state):
             q, k = apply_rope(q, pos, base=self.rope_base), apply_rope(k, pos, base=self.rope_base)
-            if self.window is None:
-                mask = jnp.tril(jnp.ones((S, S), bool))[None] & pad[:, None, :] & pad[:, :, None]
-                return dense_attention(q, k, v, mask[:, None], sinks=sinks), state
+            # Full causal attention is the window that covers the sequence.
+            left = S - 1 if self.window is None else self.window - 1
             return global_local_attention(
-                q, k, v, local_window_size=(self.window - 1, 0), global_mask=glob,
+                q, k, v, local_window_size=(left, 0), global_mask=glob,
                 padding_mask=pad, is_causal=True, max_globals=P if glob is not None else None,
                 sinks=sinks), state
 

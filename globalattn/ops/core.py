@@ -24,8 +24,8 @@ run past the row count; those rows are dropped). The parts are
 Conventions shared by all parts: a pair counts once (each part excludes what
 an earlier part already counts); logits and softmax are float32; inputs are
 prepared by :func:`prepare` (masked slots zeroed so NaN written there reaches
-nothing; a non-finite *value* is moved into its key so that exactly the rows
-that attend it become NaN, instead of every row whose block holds it).
+nothing; a token with a non-finite key or value gets a NaN key so that exactly
+the rows that attend it become NaN, instead of every row whose block holds it).
 """
 from __future__ import annotations
 
@@ -68,16 +68,18 @@ def prepare(q: Array, k: Array, v: Array, keep: Array) -> Tuple[Array, Array, Ar
 
     ``keep`` bool ``[B, T]``: slots that are False (padding) are zeroed, so NaN or
     inf written there reaches no output and no gradient (0 * NaN would leak
-    through matmuls). A non-finite value of a kept token is replaced by 0 and
-    its key by NaN: the score of every pair that attends it is then NaN, so
+    through matmuls). A kept token with a non-finite key or value gets the key
+    NaN and the non-finite value entries 0: the score of every pair that
+    attends it is then NaN (an inf key could score -inf and vanish), so
     exactly those rows are NaN, while ``probability * value`` products of rows
     that do not attend it stay finite.
     """
     keep4 = keep[:, :, None, None]
     zero = lambda x: jnp.where(keep4, x, jnp.zeros((), x.dtype))  # noqa: E731
     q, k, v = zero(q), zero(k), zero(v)
-    v_ok = jnp.all(jnp.isfinite(v), axis=-1, keepdims=True)
-    k = jnp.where(v_ok, k, jnp.array(jnp.nan, k.dtype))
+    ok = jnp.all(jnp.isfinite(k), axis=-1, keepdims=True) & jnp.all(
+        jnp.isfinite(v), axis=-1, keepdims=True)
+    k = jnp.where(ok, k, jnp.array(jnp.nan, k.dtype))
     v = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype))
     heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
     return heads_first(q), heads_first(k), heads_first(v)

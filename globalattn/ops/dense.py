@@ -1,20 +1,21 @@
-"""Global + local attention as pure JAX functions.
+"""The dense oracle and the dense pattern of global + local attention.
 
-Shapes (see CONVENTIONS.md): B batch, T query length, S key length, N heads,
-H head dim, G global capacity. Layout ``[B, T, N, H]`` as in
-``jax.nn.dot_product_attention``.
-
-Three public functions:
+Shapes: B batch, T query length, S key length, N heads, H head dim, G global
+capacity. Layout ``[B, T, N, H]`` as in ``jax.nn.dot_product_attention``.
 
 * :func:`dense_attention` -- the O(T*S) oracle: masked softmax attention.
 * :func:`global_local_mask` -- the dense boolean ``[B, T, T]`` (or
-  ``[B, N, T, T]``) pattern; for tests and analysis only.
-* :func:`global_local_attention` -- the efficient O(T*(window + G + r*block))
-  version. It equals ``dense_attention(q, k, v, global_local_mask(...))``.
+  ``[B, N, T, T]``) pattern of :func:`globalattn.global_local_attention`;
+  for tests and analysis only.
+* :func:`global_local_reference` -- ``dense_attention`` with that pattern: the
+  obviously-correct O(T^2) version every efficient path is tested against.
+* :func:`random_block_indices` (BigBird) and :func:`gather_global_positions`
+  (the fixed-capacity global buffer).
 
-Masking conventions shared by all three: masks are booleans (True = may
-attend), combined once, and a row with nothing to attend returns exactly 0
-with finite gradients. Logits and softmax are float32 whatever the inputs.
+Masking conventions: masks are booleans (True = may attend), combined once,
+and a row with nothing to attend returns exactly 0 with finite gradients.
+Logits and softmax are float32 whatever the inputs. This module deliberately
+shares no code with the efficient paths (:mod:`globalattn.ops.core`).
 """
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def dense_attention(
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``. Rows with no allowed key are 0.
       A key that no query may attend is replaced by 0 before use, so NaN/inf
-      written there reaches neither outputs nor gradients.
+      written there reaches neither outputs nor gradients. A non-finite key or
+      value that is attended makes exactly the rows that attend it NaN; a NaN
+      sink logit makes every row of its head NaN.
     """
     B, T, N, H = V.check_qkv(q, k, v)
     S = k.shape[1]
@@ -85,6 +88,12 @@ def dense_attention(
     key_used = jnp.transpose(key_used, (0, 2, 1))[..., None]  # [B, S, N, 1]
     kf = jnp.where(key_used, k.astype(f32), 0.0)
     vf = jnp.where(key_used, v.astype(f32), 0.0)
+    # A non-finite key or value makes exactly the rows that attend it NaN:
+    # computed with it zeroed (so 0 * NaN reaches no other row), then marked.
+    bad = ~(jnp.all(jnp.isfinite(kf), axis=-1) & jnp.all(jnp.isfinite(vf), axis=-1))  # [B, S, N]
+    kf = jnp.where(jnp.isfinite(kf), kf, 0.0)
+    vf = jnp.where(jnp.isfinite(vf), vf, 0.0)
+    attends_bad = jnp.any(mask & jnp.transpose(bad, (0, 2, 1))[:, :, None, :], axis=-1)
     s = jnp.einsum("btnh,bsnh->bnts", q.astype(f32), kf) / math.sqrt(H)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1)
@@ -95,8 +104,9 @@ def dense_attention(
     denom = jnp.sum(p, axis=-1)
     if sinks is not None:
         denom = denom + jnp.exp(sinks[None, :, None] - m)
-    denom = jnp.where(denom > 0, denom, 1.0)
+    denom = jnp.where(denom == 0, 1.0, denom)  # empty rows give 0; a NaN stays NaN
     out = jnp.einsum("bnts,bsnh->btnh", p / denom[..., None], vf)
+    out = jnp.where(jnp.transpose(attends_bad, (0, 2, 1))[..., None], jnp.nan, out)
     return out.astype(q.dtype)
 
 
@@ -168,7 +178,9 @@ def global_local_mask(
     Pair (i, j) is allowed iff both i and j are real tokens (``padding_mask``),
     ``j <= i`` when causal, and at least one of: ``i - left <= j <= i + right``;
     i is global; j is global; j's block is one of the random blocks of i's block.
-    Global flags on padded positions are ignored.
+    Global flags on padded positions are ignored. A concrete ``random_blocks``
+    index outside ``[0, ceil(T / block_size))`` is a ValueError; a traced one
+    selects no block.
 
     Returns:
       bool ``[B, T, T]``, or ``[B, N, T, T]`` when ``random_blocks`` has N > 1

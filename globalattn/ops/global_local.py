@@ -90,12 +90,15 @@ def global_local_attention(
         attended; padded query rows are exactly 0.
       is_causal: every pair, global ones included, needs ``j <= i``.
       max_globals: static capacity G of the global buffer. Required when
-        ``global_mask`` is traced; when concrete and None, G is the largest
-        per-example count. When an example has more than G globals: outside jit
+        ``global_mask`` is traced; when it has a value (also a constant closed
+        over under jit) and None, G is the largest per-example count. When an example has more than G globals: outside jit
         a ValueError naming the counts; inside jit that example's whole output
         is NaN (never silently truncated), so the loss shows it.
       random_blocks: int ``[B or 1, N or 1, ceil(T/block_size), r]`` key-block
-        indices (see :func:`globalattn.random_block_indices`).
+        indices (see :func:`globalattn.random_block_indices`) in
+        ``[0, ceil(T/block_size))``: outside that range a concrete array is a
+        ValueError, and a traced index selects no block (as in
+        :func:`globalattn.global_local_mask`).
       block_size: BigBird block size; required with ``random_blocks``.
       global_qkv: ``(q_g, k_g, v_g)``, each ``[B, T, N, H]``: global query rows
         use ``q_g`` against ``k_g``/``v_g`` of all tokens (Longformer).
@@ -109,7 +112,9 @@ def global_local_attention(
         :data:`AUTO`), else ``'xla'``. Unknown names raise ValueError.
 
     Returns:
-      ``[B, T, N, H]`` in ``q.dtype``.
+      ``[B, T, N, H]`` in ``q.dtype``. Non-finite inputs: NaN/inf in padded
+      slots reaches nothing; a non-finite key or value of a real token makes
+      exactly the rows that attend it NaN; a NaN sink logit makes its head NaN.
     """
     args = _resolve(q, k, v, local_window_size=local_window_size, global_mask=global_mask,
                     padding_mask=padding_mask, is_causal=is_causal, max_globals=max_globals,
@@ -187,7 +192,7 @@ def _resolve(q, k, v, *, local_window_size, global_mask, padding_mask, is_causal
     pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
     sinks = V.check_sinks(sinks, N)
     V.check_global_qkv(global_qkv, q.shape)
-    glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals)  # G static
+    glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals, padding_mask)  # G static
     rb = None
     if random_blocks is not None:
         rb = V.check_random_blocks(random_blocks, block_size, B, N, T)

@@ -256,7 +256,7 @@ def sequence_parallel_global_local_attention(
     pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
     sinks = V.check_sinks(sinks, N)
     V.check_global_qkv(global_qkv, q.shape)
-    glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals)
+    glob, G = V.resolve_globals(global_mask, pad, B, T, max_globals, padding_mask)
 
     bq = block_q if block_q is not None else default_block_q(C, left, right)
     bq = V.check_positive_int(bq, "block_q")

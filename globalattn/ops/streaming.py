@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from globalattn.ops import core
 from globalattn.ops import validate as V
 from globalattn.ops.rope import DEFAULT_BASE, apply_rope
 
@@ -141,31 +142,36 @@ def sink_window_attention(
         pad = V.check_token_mask(padding_mask, B, T, "padding_mask", default=True)
         mask = mask & (pad[:, None, :, None] & pad[:, None, None, :])
     # Keys no query may attend are zeroed first: NaN written there reaches nothing.
-    key_used = jnp.any(mask, axis=2)[:, 0][:, :, None, None]  # [B or 1, T, 1, 1]
-    k = jnp.where(key_used, k, jnp.zeros((), k.dtype))
-    v = jnp.where(key_used, v, jnp.zeros((), v.dtype))
+    key_used = jnp.broadcast_to(jnp.any(mask, axis=2)[:, 0], (B, T))
     pos = jnp.arange(T, dtype=jnp.int32)
-    kr = apply_rope(k, pos, base=base).astype(_F32)
-    qr = apply_rope(q, pos, base=base).astype(_F32)
-    s = jnp.einsum("btnh,bsnh->bnts", qr, kr)
+    qr, kr, vz = core.prepare(apply_rope(q, pos, base=base), apply_rope(k, pos, base=base), v,
+                              key_used)  # [B, N, T, H]
+    qr, kr, values = qr.astype(_F32), kr.astype(_F32), vz.astype(_F32)[:, :, None]
     if window is not None and G > 0:
-        # A sink key is scored by the query rotated at its cache position.
+        # A sink key is scored by the query rotated at its cache position, the
+        # window keys by the query at its true position: two parts, one softmax.
         q_sink = apply_rope(q, streaming_query_positions(T, num_sink_slots=G, window=window),
-                            base=base).astype(_F32)
-        s_sink = jnp.einsum("btnh,bsnh->bnts", q_sink, kr[:, :G])
-        s = jnp.concatenate([s_sink, s[..., G:]], axis=-1)
-    s = jnp.where(mask, s / math.sqrt(H), -jnp.inf)
-    m = jnp.max(s, axis=-1)
-    if sinks is not None:
-        m = jnp.maximum(m, sinks[None, :, None])
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    den = jnp.sum(p, axis=-1)
-    if sinks is not None:
-        den = den + jnp.exp(sinks[None, :, None] - m)
-    w = p / jnp.where(den > 0, den, 1.0)[..., None]
-    out = jnp.einsum("bnts,bsnh->btnh", w, v.astype(_F32)).astype(q.dtype)
-    return (out, w) if return_weights else out
+                            base=base)
+        q_sink = jnp.swapaxes(q_sink, 1, 2).astype(_F32)
+        parts = [_part(q_sink, kr[:, :, :G], values[..., :G, :], mask[..., :G]),
+                 _part(qr, kr[:, :, G:], values[..., G:, :], mask[..., G:])]
+    else:
+        parts = [_part(qr, kr, values, mask)]
+    out, w = core.joint_softmax(parts, T, sinks=sinks, return_weights=True)
+    out = jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
+    if not return_weights:
+        return out
+    return out, jnp.concatenate([x[:, :, 0] for x in w], axis=-1)
+
+
+def _part(q: Array, k: Array, values: Array, mask: Array) -> core.Part:
+    """Rows ``q [B, N, T, H]`` against keys ``k [B, N, S, H]`` as one block of a part.
+
+    mask: bool broadcastable to ``[B, N, T, S]``; values ``[B, N, 1, S, H]``.
+    """
+    mask = mask[:, :, None]  # [B or 1, N or 1, 1, T, S]
+    s = jnp.einsum("bnth,bnsh->bnts", q, k)[:, :, None] / math.sqrt(q.shape[-1])
+    return core.Part(jnp.where(mask, s, -jnp.inf), mask, values)
 
 
 # --------------------------------------------------------------------------
@@ -258,19 +264,13 @@ def cache_attention(q: Array, k: Array, v: Array, keys: Array, values: Array, le
     write, positions, valid, query = cache_layout(length, num_sink_slots=G, window=W)
     keys = jax.lax.dynamic_update_slice_in_dim(keys, k[:, None].astype(keys.dtype), write, 1)
     values = jax.lax.dynamic_update_slice_in_dim(values, v[:, None].astype(values.dtype), write, 1)
-    kr = apply_rope(keys, positions, base=base).astype(_F32)  # [B, S, N, H]
-    qr = apply_rope(q[:, None], query, base=base)[:, 0].astype(_F32)  # [B, N, H]
-    s = jnp.einsum("bnh,bsnh->bns", qr, kr) / math.sqrt(H)
-    s = jnp.where(valid, s, -jnp.inf)
-    m = jnp.max(s, axis=-1)  # the new token is always valid: finite
-    if sinks is not None:
-        m = jnp.maximum(m, sinks[None, :])
-    p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
-    den = jnp.sum(p, axis=-1)
-    if sinks is not None:
-        den = den + jnp.exp(sinks[None, :] - m)
-    vf = jnp.where(valid[None, :, None, None], values.astype(_F32), 0.0)
-    out = jnp.einsum("bns,bsnh->bnh", p / den[..., None], vf)
+    # The whole cache is one block of one part; a new row of a stream always
+    # attends itself, so it is never empty.
+    keep = jnp.broadcast_to(valid, (B, S))
+    qr = jnp.swapaxes(apply_rope(q[:, None], query, base=base), 1, 2)  # [B, N, 1, H]
+    kr = apply_rope(keys, positions, base=base)
+    _, kr, vz = core.prepare(kr, kr, values, keep)  # [B, N, S, H]
+    part = _part(qr.astype(_F32), kr.astype(_F32), vz.astype(_F32)[:, :, None],
+                 valid[None, None, None, :])
+    out = core.joint_softmax([part], 1, sinks=sinks)[:, :, 0]  # [B, N, H]
     return out.astype(q.dtype), keys, values
-
-

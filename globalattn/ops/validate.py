@@ -140,27 +140,42 @@ def check_global_qkv(global_qkv, q_shape) -> None:
             raise ValueError(f"global_qkv {name} must have shape {q_shape}, got {x.shape}")
 
 
-def resolve_globals(global_mask, pad, B: int, T: int, max_globals):
+def _host_mask(m, B: int, T: int) -> Optional[np.ndarray]:
+    """A token mask as numpy ``[B, T]`` when it has a value now (None = all True)."""
+    if m is None:
+        return np.ones((B, T), bool)
+    if not is_concrete(m):
+        return None
+    return np.broadcast_to(np.asarray(m, bool), (B, T))
+
+
+def resolve_globals(global_mask, pad, B: int, T: int, max_globals, padding_mask=None):
     """The effective global mask (padding removed) and the static capacity G.
 
-    Returns ``(glob [B, T] bool or None, G)``. When the mask is concrete the
+    Returns ``(glob [B, T] bool or None, G)``. ``pad`` is the checked padding
+    mask, ``padding_mask`` the caller's argument. When the global mask has a
+    value now -- outside jit, or a constant closed over under jit -- its
     per-example counts are checked against ``max_globals`` (ValueError naming
-    the counts); when it is traced, ``max_globals`` is required. With no
-    ``max_globals`` and a concrete mask, G is the largest per-example count.
+    the counts) and, with no ``max_globals``, G is the largest count (counted
+    on real tokens when the padding mask has a value too, else an upper
+    bound). When the global mask is traced, ``max_globals`` is required.
     """
     if global_mask is None:
         if max_globals is not None:
             check_nonneg_int(max_globals, "max_globals")
         return None, 0
     glob = check_token_mask(global_mask, B, T, "global_mask", default=False) & pad
-    counts = [int(c) for c in jnp.sum(glob, axis=-1)] if is_concrete(glob) else None
+    host_glob = _host_mask(global_mask, B, T)
+    host_pad = _host_mask(padding_mask, B, T)
+    counts = None if host_glob is None else [
+        int(c) for c in (host_glob if host_pad is None else host_glob & host_pad).sum(-1)]
     if max_globals is None:
         if counts is None:
             raise ValueError("max_globals (a static int) is required when global_mask is "
-                             "traced (e.g. under jit)")
+                             "traced (e.g. an argument of a jitted function)")
         return glob, max(counts, default=0)
     G = check_nonneg_int(max_globals, "max_globals")
-    if counts is not None and max(counts, default=0) > G:
+    if counts is not None and host_pad is not None and max(counts, default=0) > G:
         over = {b: c for b, c in enumerate(counts) if c > G}
         raise ValueError(f"more global tokens than max_globals={G}: per-example counts "
                          f"{over} (example index: count)")
