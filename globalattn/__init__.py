@@ -11,30 +11,15 @@ The public attention API lives at the top level:
   with ``jax.shard_map`` (see :mod:`globalattn.sharding` for meshes).
 
 Submodules: ``ops`` (the pure JAX attention ops behind the names above),
-``kernels`` (accelerator backends), ``patterns`` (global-mask helpers), ``analytics`` (pattern
-counting, hops, connectivity), ``modules`` (Flax), ``data`` (TFDS tasks),
-``train`` (training loop).
+``kernels`` (accelerator backends), ``patterns`` (global-mask helpers),
+``analytics`` (pattern counting, hops, connectivity), ``modules`` (Flax),
+``data`` (TFDS tasks), ``train`` (training loop).
 """
 from globalattn import _xla_workaround
 
 _xla_workaround.apply()  # before any backend exists; see the module docstring
 
-from globalattn.ops.dense import (  # noqa: E402
-    dense_attention,
-    gather_global_positions,
-    global_local_mask,
-    global_local_reference,
-    random_block_indices,
-)
-from globalattn.ops.global_local import global_local_attention  # noqa: E402
-from globalattn.ops.seq_parallel import sequence_parallel_global_local_attention  # noqa: E402
+from globalattn import ops  # noqa: E402
+from globalattn.ops import *  # noqa: E402,F401,F403  (the public attention API)
 
-__all__ = [
-    "dense_attention",
-    "gather_global_positions",
-    "global_local_attention",
-    "global_local_mask",
-    "global_local_reference",
-    "random_block_indices",
-    "sequence_parallel_global_local_attention",
-]
+__all__ = list(ops.__all__)
