@@ -35,8 +35,10 @@ Counts are exact Python ints / int64 (never floats); densities are exact
   all n sources propagated together in chunks of 512 rows, O(T) per source
   per layer; T=4096 with 3 layers takes well under a second.
 
-Seed-article conventions (``seed_article_facts``): the article's "window 512"
-means 256 tokens on each side, i.e. ``local_window_size=256``.
+``window`` here is always the radius of :data:`globalattn.ops.dense.Window`.
+The published claims :func:`seed_article_facts` reproduces state a window as
+its total width: "window 512" means 256 tokens on each side, i.e.
+``local_window_size=256``.
 """
 from __future__ import annotations
 
@@ -50,8 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from globalattn.ops import validate as V
-
-Window = Union[int, Tuple[int, int]]
+from globalattn.ops.dense import Window
 Globals = Union[Sequence[int], np.ndarray]
 
 __all__ = [
@@ -148,9 +149,9 @@ def row_counts(seq_len: int, *, local_window_size: Window, global_positions: Glo
     Returns:
       int64 ``[T]``; equals ``global_local_mask(...)[0].sum(-1)``. Padded rows are 0.
 
-    The seed article's 16-token example (T=16, globals at 0 and 8) is
-    reproduced with ``local_window_size=2`` (the article's "window 4", two on
-    each side)::
+    The published 16-token example (T=16, globals at 0 and 8) is reproduced
+    with ``local_window_size=2`` (a "window 4" of total width, two on each
+    side)::
 
         row:    0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15
         count: 16  5  6  7  7  7  6  6 16  6  6  7  7  7  6  5
@@ -462,12 +463,13 @@ def diameter(seq_len: int, *, local_window_size: Window, global_positions: Globa
 
 
 # --------------------------------------------------------------------------
-# The seed article, reproduced.
+# Published claims about global tokens, reproduced.
 # --------------------------------------------------------------------------
 def seed_article_facts() -> Dict[str, Any]:
-    """Exact numbers behind the claims of the seed article (shared/seeds/000_*).
+    """Exact numbers behind published claims about global tokens (hops, savings,
+    a 16-token example, connectivity by layer).
 
-    Conventions: the article's "window W" is ``local_window_size=W // 2`` (W/2
+    Conventions: a claim's "window W" is ``local_window_size=W // 2`` (W/2
     keys on each side plus the token itself); bidirectional unless a key says
     ``causal``; pairs are ordered (i, j) and include i == j.
 
@@ -484,7 +486,7 @@ def seed_article_facts() -> Dict[str, Any]:
       84.767%: "over 84%" holds for every placement.
     * ``savings_8_periodic``: 8 globals at 0, 512, ..., 3584: 2_093_240 pairs,
       savings 87.523% (> 80%), density above CLS-only (2_043_134 pairs,
-      savings 87.822%), as the article says.
+      savings 87.822%), as claimed.
     * ``sixteen_token``: T=16, window 4 (2 each side), globals {0, 8}: row
       counts ``[16, 5, 6, 7, 7, 7, 6, 6, 16, 6, 6, 7, 7, 7, 6, 5]`` (see
       :func:`row_counts`); "around 6-7" holds except the end rows 1 and 15 (5).

@@ -41,6 +41,8 @@ __all__ = [
     "from_positions",
     "from_segments",
     "from_token_ids",
+    "first_last_blocks",
+    "keep_first",
     "union",
 ]
 
@@ -193,6 +195,50 @@ def from_positions(positions: Sequence[int], padding_mask: Optional[Array] = Non
     row = np.zeros(T, bool)
     row[list(pos)] = True
     return pad & jnp.asarray(row)[None, :]
+
+
+def first_last_blocks(padding_mask: Array, block_size: int) -> Array:
+    """Every token of the block holding the first real token and of the block
+    holding the last real token is global (BigBird's ITC globals).
+
+    Args:
+      padding_mask: bool ``[B, T]``, True = real.
+      block_size: static positive int; block c is positions ``c*bs .. c*bs + bs - 1``.
+
+    Returns:
+      bool ``[B, T]``: up to ``2 * block_size`` Trues per example (one block when
+      the first and last real token share it), none for all padding.
+    """
+    pad = _padding(padding_mask, None)
+    bs = V.check_positive_int(block_size, "block_size")
+    T = pad.shape[1]
+    pos = jnp.arange(T)
+    first = jnp.argmax(pad, axis=-1)[:, None]  # 0 for an all-padding row (masked below)
+    last = jnp.max(jnp.where(pad, pos, -1), axis=-1, keepdims=True)
+    blk = pos // bs
+    return pad & ((blk == first // bs) | (blk == jnp.maximum(last, 0) // bs))
+
+
+def keep_first(mask: Array, n: Array) -> Array:
+    """Keeps the first ``n`` True entries of each row of ``mask``, in position order.
+
+    This is how a static global capacity G is filled by a traced count: the
+    candidates of a selection are ranked by position and only the first ``n``
+    stay global.
+
+    Args:
+      mask: bool ``[B, T]`` candidates.
+      n: int ``[B, 1]`` (or anything broadcasting to it); may be traced.
+
+    Returns:
+      bool ``[B, T]``.
+    """
+    mask = _padding(mask, None)
+    n = jnp.asarray(n)
+    if not jnp.issubdtype(n.dtype, jnp.integer):
+        raise ValueError(f"keep_first: n must be an integer array, got dtype {n.dtype}")
+    rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+    return mask & (rank < n)
 
 
 # --------------------------------------------------------------------------

@@ -29,6 +29,15 @@ from globalattn.ops.dense import Window
 from globalattn.ops.seq_parallel import sequence_parallel_global_local_attention
 
 __all__ = [
+    "BATCH",
+    "EMBED",
+    "HEADS",
+    "KV",
+    "LAYERS",
+    "LENGTH",
+    "LOGICAL_AXES",
+    "MLP",
+    "VOCAB",
     "BATCH_MESH_AXES",
     "CommBytes",
     "DEFAULT_LOGICAL_AXIS_RULES",
@@ -100,17 +109,30 @@ Rules = Tuple[Tuple[str, MeshAxes], ...]
 MESH_AXES = ("data", "fsdp", "model", "seq")
 BATCH_MESH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
+# Logical axis names: every parameter (nn.with_logical_partitioning) and activation
+# (nn.with_logical_constraint) of the modules is annotated with these, and the rules below
+# map them to mesh axes.
+BATCH = "batch"  # B
+LENGTH = "length"  # T (activations only)
+EMBED = "embed"  # D
+HEADS = "heads"  # N
+KV = "kv"  # H, the head dim
+MLP = "mlp"  # the MLP hidden width
+VOCAB = "vocab"  # vocabulary and class counts
+LAYERS = "layers"  # the stacked-layer axis of scanned parameters
+LOGICAL_AXES = (BATCH, LENGTH, EMBED, HEADS, KV, MLP, VOCAB, LAYERS)
+
 # Logical axis -> mesh axis (or axes, or None = replicated). vocab stays replicated: class
 # and vocabulary counts rarely divide a mesh axis. Activations' 'length' maps to 'seq'.
 DEFAULT_LOGICAL_AXIS_RULES: Rules = (
-    ("batch", BATCH_MESH_AXES),
-    ("length", "seq"),
-    ("embed", "fsdp"),
-    ("heads", "model"),
-    ("mlp", "model"),
-    ("kv", None),
-    ("vocab", None),
-    ("layers", None),
+    (BATCH, BATCH_MESH_AXES),
+    (LENGTH, "seq"),
+    (EMBED, "fsdp"),
+    (HEADS, "model"),
+    (MLP, "model"),
+    (KV, None),
+    (VOCAB, None),
+    (LAYERS, None),
 )
 
 
@@ -200,7 +222,7 @@ def logical_axis_rules(mesh: Mesh, rules: Optional[Sequence[Sequence[Any]]] = No
 
 def batch_axes(mesh: Mesh, rules: Optional[Sequence[Sequence[Any]]] = None) -> MeshAxes:
     """The mesh axes the logical 'batch' axis is split over on ``mesh`` (None = none)."""
-    return dict(logical_axis_rules(mesh, rules)).get("batch")
+    return dict(logical_axis_rules(mesh, rules)).get(BATCH)
 
 
 def _axes_size(mesh: Mesh, axes: MeshAxes) -> int:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from globalattn import data
-from globalattn.data import listops, mqar, retrieval, span_qa
+from globalattn.data import charlm, listops, mqar, retrieval, span_qa
 
 tfds.disable_progress_bar()
 
@@ -254,7 +254,8 @@ def test_prepare_and_read_back(data_dir):
         meta = data.task_metadata(name, "tiny")
         # Read back through the public TFDS entry point, without TensorFlow.
         source = tfds.data_source(f"{name}/tiny", split="validation", data_dir=data_dir, download=False)
-        assert len(source) == 50
+        n_val = data.resolve_config(name, "tiny").split_sizes()["validation"]
+        assert len(source) == n_val
         builder = data.get_builder(name, "tiny", data_dir)
         stored = sorted(bytes(np.asarray(source[i]["tokens"], np.int32)) for i in range(len(source)))
         fresh = builder._make_splits()["validation"]
@@ -264,7 +265,7 @@ def test_prepare_and_read_back(data_dir):
         it = data.make_iterator(name, "validation", 16, seed=3, config="tiny", data_dir=data_dir,
                                 num_epochs=1, shuffle=False, shard_options=grain.sharding.NoSharding())
         batches = list(it)
-        assert len(batches) == 50 // 16
+        assert len(batches) == n_val // 16
         for b in batches:
             t = meta.max_length
             assert b["tokens"].shape == (16, t) and b["tokens"].dtype == np.int32
@@ -403,3 +404,34 @@ def test_metadata_is_consistent():
         names = [c.name for c in cls.BUILDER_CONFIGS]
         assert len(set(names)) == len(names) and "tiny" in names
     assert data.resolve_config("mqar", {"base": "tiny"}) is data.resolve_config("mqar", "tiny")
+
+
+# ----------------------------------------------------------------------------- charlm
+
+
+def test_charlm_text_and_batches(data_dir):
+    assert charlm.decode(charlm.encode("def f(x):\n\treturn 'é'")) == \
+        "def f(x):\n\treturn '\ufffd\ufffd'"  # UTF-8 'é' is two non-ASCII bytes
+    cfg = data.resolve_config("charlm", "tiny")
+    text = charlm.split_text("test", "tiny", data_dir)
+    assert text.shape == (cfg.num_test * cfg.seq_len + 1,)
+    np.testing.assert_array_equal(text, charlm.split_ids(cfg, "test"))  # contiguous, in order
+    assert text.min() >= 1 and text.max() < charlm.VOCAB_SIZE
+    batch = next(iter(data.make_loader("charlm", "train", 4, config="tiny", data_dir=data_dir)))
+    assert batch["tokens"].shape == batch["labels"].shape == (4, cfg.seq_len)
+    np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
+    assert batch["label_mask"].all() and batch["padding_mask"].all()
+    files = charlm.corpus_files(cfg.resolved_source_dir())
+    splits = {charlm.split_of(f) for f in files}
+    assert splits == {"train", "validation", "test"}
+    assert not any("/test/" in f"/{f}" for f in files)
+
+
+def test_charlm_refuses_bad_configs():
+    with pytest.raises(ValueError, match="this is Python"):
+        data.resolve_config("charlm", {"base": "tiny", "python_version": "2.7"})
+    with pytest.raises(ValueError, match="fewer than"):
+        charlm.split_ids(data.resolve_config("charlm", {"base": "tiny", "num_test": 10**7}),
+                         "test")
+    with pytest.raises(ValueError, match="unknown 'charlm' parameters"):
+        data.resolve_config("charlm", {"base": "tiny", "seqlen": 3})

@@ -6,6 +6,7 @@ the tests share them. Mask-only strategy tests run eagerly on a few tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -19,6 +20,7 @@ from flax import traverse_util
 from globalattn import global_local_mask, patterns
 from globalattn.modules import (
     STRATEGIES,
+    BlockConfig,
     GlobalLocalSelfAttention,
     build_model,
     default_model_config,
@@ -383,8 +385,8 @@ def test_causal_attention_module_with_covering_window_equals_full():
     tokens, pm, _ = _inputs()
     x = jax.random.normal(jax.random.key(4), (B, T, 16))
     glob = patterns.cls(pm)
-    mod = GlobalLocalSelfAttention(num_heads=2, window=T, causal=True, max_globals=1,
-                                   sink_logits=True, global_projections=True)
+    mod = GlobalLocalSelfAttention(BlockConfig(num_heads=2, window=T, causal=True, max_globals=1,
+                                               sink_logits="learned", global_projections=True))
     v = nn.unbox(_jit(mod.init)(jax.random.key(0), x, pm, glob))
     v = {"params": {**v["params"], "sinks": jnp.array([0.5, -1.0])}}
     # Full layers have no global projections; they take the local ones.
@@ -399,8 +401,8 @@ def test_rope_attention_with_covering_window_equals_full_and_is_relative():
     tokens, pm, _ = _inputs()
     x = jax.random.normal(jax.random.key(5), (B, T, 16))
     glob = patterns.cls(pm)
-    mod = GlobalLocalSelfAttention(num_heads=2, window=T, max_globals=1, rope=True,
-                                   global_projections=True)
+    mod = GlobalLocalSelfAttention(BlockConfig(num_heads=2, window=T, max_globals=1, rope=True,
+                                               global_projections=True))
     v = nn.unbox(_jit(mod.init)(jax.random.key(0), x, pm, glob))
     v_full = {"params": {k: p for k, p in v["params"].items() if not k.endswith("_global")}}
     out = _jit(mod.apply)(v, x, pm, glob)
@@ -411,14 +413,16 @@ def test_rope_attention_with_covering_window_equals_full_and_is_relative():
     # gives the same outputs, shifted; without RoPE the same holds only because this
     # module has no absolute positions either, so also check RoPE changes the output.
     s_ = 5
-    local = mod.clone(window=2, max_globals=0, global_projections=False)
+    local = mod.clone(config=dataclasses.replace(mod.config, window=2, max_globals=0,
+                                                 global_projections=False))
     vl = nn.unbox(_jit(local.init)(jax.random.key(1), x, pm))
     xs = jnp.concatenate([jnp.zeros((B, s_, 16)), x[:, :-s_]], axis=1)
     ones = jnp.ones((B, T), bool)
     a = _jit(local.apply)(vl, x, ones)
     b = _jit(local.apply)(vl, xs, jnp.arange(T)[None, :] >= s_ + jnp.zeros((B, 1), int))
     np.testing.assert_allclose(a[:, 2:T - s_ - 2], b[:, s_ + 2:T - 2], atol=2e-5, rtol=2e-5)
-    plain = _jit(local.clone(rope=False).apply)(vl, x, ones)
+    plain = _jit(local.clone(config=dataclasses.replace(local.config, rope=False)).apply)(
+        vl, x, ones)
     assert np.abs(np.asarray(plain - a)).max() > 1e-3
 
 

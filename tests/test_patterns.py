@@ -105,6 +105,29 @@ def test_periodic_matches_reference(pad, every, data, from_first_real):
     np.testing.assert_array_equal(got, ref_periodic(pad, every, offset, from_first_real))
 
 
+@given(padding_masks(), st.integers(1, 5))
+def test_first_last_blocks_matches_reference(pad, bs):
+    want = np.zeros_like(pad)
+    first, last = ref_first_last(pad)
+    for b in range(pad.shape[0]):
+        for pos in np.flatnonzero(first[b] | last[b]):
+            blk = pos // bs
+            want[b, blk * bs:(blk + 1) * bs] = True
+    np.testing.assert_array_equal(patterns.first_last_blocks(jnp.asarray(pad), bs), want & pad)
+
+
+@given(padding_masks(), st.data())
+def test_keep_first_keeps_the_first_n_in_position_order(pad, data):
+    B = pad.shape[0]
+    n = np.array(data.draw(st.lists(st.integers(0, pad.shape[1] + 1), min_size=B, max_size=B)))
+    got = np.asarray(jax.jit(patterns.keep_first)(jnp.asarray(pad), jnp.asarray(n)[:, None]))
+    for b in range(B):
+        idx = np.flatnonzero(pad[b])
+        want = np.zeros(pad.shape[1], bool)
+        want[idx[:n[b]]] = True
+        np.testing.assert_array_equal(got[b], want)
+
+
 def test_periodic_bigbird_example():
     got = np.asarray(patterns.periodic(None, 4, shape=(1, 10)))[0]
     np.testing.assert_array_equal(np.flatnonzero(got), [0, 4, 8])
@@ -234,6 +257,8 @@ def test_masks_feed_global_local_mask_and_analytics():
     (lambda: patterns.from_token_ids(jnp.zeros((1, 4), int), jnp.zeros((0,), int)), "ids must be a non-empty"),
     (lambda: patterns.from_token_ids(jnp.zeros((1, 4), int), jnp.zeros((2,))), "ids must be a non-empty 1-D integer"),
     (lambda: patterns.union(), "at least one mask"),
+    (lambda: patterns.keep_first(jnp.ones((1, 4), bool), jnp.ones((1, 1))), "n must be an integer"),
+    (lambda: patterns.first_last_blocks(jnp.ones((1, 4), bool), 0), "block_size must be a positive"),
     (lambda: patterns.union(jnp.ones((1, 4), bool), jnp.ones((1, 5), bool)), "mask shapes disagree"),
     (lambda: patterns.union(jnp.ones((2, 4), bool), jnp.ones((3, 4), bool)), "mask shapes disagree"),
     (lambda: patterns.union(jnp.ones((1, 4), jnp.int32)), "mask 0 must be boolean"),

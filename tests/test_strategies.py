@@ -6,6 +6,8 @@ test_modules.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,9 @@ from globalattn.modules import (
     STRATEGIES,
     BigBirdGlobals,
     ExtraTokens,
+    ModelConfig,
     build_model,
+    build_strategy,
     default_model_config,
 )
 
@@ -179,4 +183,24 @@ def test_config_is_locked_and_partial_configs_merge():
     with pytest.raises(ValueError, match="'window'"):
         build_model({"window": "wide"})
     model = build_model({"strategy": {"name": "extra"}, "head": "token"})
-    assert model.strategy.capacity == 4 and model.encoder.max_globals == 4
+    assert model.strategy.capacity == 4 and model.encoder.block.max_globals == 4
+
+
+def test_registry_capacity_and_frozen_model_config():
+    for name in STRATEGIES:
+        over = {"strategy.name": name}
+        if name == "sinks":
+            over["strategy.num_globals"] = 2
+        mc = ModelConfig.from_config(_cfg(over))
+        model = build_model(mc)
+        assert mc.capacity == model.strategy.capacity == build_strategy(mc).capacity, name
+        assert model.encoder.block.max_globals == mc.capacity
+        assert model.encoder.block.window == ((0, 0) if name == "bigbird" else mc.window)
+    mc = ModelConfig.from_config(_cfg({}))
+    assert ModelConfig.from_config(mc) is mc  # built once, passed on as is
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mc.window = 3
+    with pytest.raises(ValueError, match="d_model=15"):
+        mc.replace(d_model=15)  # every construction validates
+    with pytest.raises(ValueError, match="'nope'"):
+        mc.replace(strategy=dataclasses.replace(mc.strategy, name="nope"))

@@ -280,33 +280,6 @@ def data_dir(tmp_path_factory) -> str:
     return path
 
 
-def test_charlm_text_and_batches(data_dir):
-    assert charlm.decode(charlm.encode("def f(x):\n\treturn 'é'")) == \
-        "def f(x):\n\treturn '\ufffd\ufffd'"  # UTF-8 'é' is two non-ASCII bytes
-    cfg = charlm.resolve_config("tiny")
-    text = charlm.split_text("test", "tiny", data_dir)
-    assert text.shape == (cfg.num_test * cfg.seq_len + 1,)
-    np.testing.assert_array_equal(text, charlm.split_ids(cfg, "test"))  # contiguous, in order
-    assert text.min() >= 1 and text.max() < charlm.VOCAB_SIZE
-    batch = next(iter(charlm.make_loader("train", 4, config="tiny", data_dir=data_dir)))
-    assert batch["tokens"].shape == batch["labels"].shape == (4, cfg.seq_len)
-    np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
-    assert batch["label_mask"].all() and batch["padding_mask"].all()
-    files = charlm.corpus_files(cfg.resolved_source_dir())
-    splits = {charlm.split_of(f) for f in files}
-    assert splits == {"train", "validation", "test"}
-    assert not any("/test/" in f"/{f}" for f in files)
-
-
-def test_charlm_refuses_bad_configs():
-    with pytest.raises(ValueError, match="this is Python"):
-        charlm.resolve_config({"base": "tiny", "python_version": "2.7"})
-    with pytest.raises(ValueError, match="fewer than"):
-        charlm.split_ids(charlm.resolve_config({"base": "tiny", "num_test": 10**7}), "test")
-    with pytest.raises(ValueError, match="unknown charlm parameters"):
-        charlm.resolve_config({"base": "tiny", "seqlen": 3})
-
-
 def test_sink_metric_counts_heads_above_the_threshold():
     from experiments import sinks
 

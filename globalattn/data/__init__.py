@@ -11,6 +11,8 @@ Tasks (TFDS builder name -> configs, the first is the default):
   configs 't64', 't64_distract', 't128', 'tiny'.
 * ``span_qa`` (:mod:`.span_qa`): extractive QA over key-value records; configs
   'r32', 'r64', 'tiny'.
+* ``charlm`` (:mod:`.charlm`): character-level language modelling on Python
+  source text (next-character labels, 'token' kind); configs 'stdlib_t128', 'tiny'.
 
 Entry points (see :mod:`.pipeline` for the batch format):
 
@@ -26,6 +28,7 @@ Any config can be given by name, as a TaskConfig, or as a dict of overrides
 ``python -m globalattn.data prepare NAME [CONFIG] --data_dir DIR``.
 """
 from globalattn.data.builders import TaskConfig, TaskMetadata
+from globalattn.data.charlm import CharLmConfig
 from globalattn.data.listops import ListOpsConfig
 from globalattn.data.mqar import MqarConfig
 from globalattn.data.pipeline import (
@@ -47,6 +50,7 @@ from globalattn.data.standard_tfds import ByteTokenize, make_text_loader, standa
 __all__ = [
     "BUILDERS",
     "ByteTokenize",
+    "CharLmConfig",
     "FormatExample",
     "ListOpsConfig",
     "MqarConfig",

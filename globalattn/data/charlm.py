@@ -23,29 +23,29 @@ together as one contiguous text (the held-out streams of the sinks experiment).
 Determinism: the data are a pure function of the config and the source files.
 Standard libraries differ between Python versions, so the config records the
 version (``python_version``): a data dir prepared under another version is
-refused by :func:`get_builder` instead of being silently mixed. Prepare once:
-``python -m globalattn.data.charlm --data_dir DIR [CONFIG]``.
+refused by :func:`globalattn.data.get_builder` instead of being silently mixed.
+The builder is registered as ``'charlm'`` in :data:`globalattn.data.BUILDERS`
+like every task; prepare once with
+``python -m globalattn.data prepare charlm [CONFIG] --data_dir DIR``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import sysconfig
-import time
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from globalattn.data import builders, pipeline
+from globalattn.data import builders
 
 __all__ = [
     "CharLm", "CharLmConfig", "FILE_SEP", "PAD_ID", "UNK_ID", "VOCAB_SIZE", "corpus_files",
-    "decode", "encode", "get_builder", "make_loader", "prepare", "split_of", "split_text",
+    "decode", "encode", "make_loader", "prepare", "resolve_config", "split_ids", "split_of",
+    "split_text",
 ]
 
 VOCAB_SIZE = 128
@@ -186,65 +186,22 @@ class CharLm(builders.SyntheticTaskBuilder):
                  "label_mask": mask, "index": np.int32(c)} for c in range(size)]
 
 
-def resolve_config(config: str | CharLmConfig | dict | None = None) -> CharLmConfig:
-    """A config by name (default the first), as is, or as overrides of ``base``."""
-    by_name = {c.name: c for c in CharLm.BUILDER_CONFIGS}
-    if config is None:
-        cfg = CharLm.BUILDER_CONFIGS[0]
-    elif isinstance(config, CharLmConfig):
-        cfg = config
-    elif isinstance(config, str):
-        if config not in by_name:
-            raise ValueError(f"charlm has no config {config!r}; available: {sorted(by_name)}")
-        cfg = by_name[config]
-    else:
-        overrides = dict(config)
-        base = resolve_config(overrides.pop("base", None))
-        unknown = set(overrides) - set(base.params()) - {"name", "description"}
-        if unknown:
-            raise ValueError(f"unknown charlm parameters {sorted(unknown)}; valid: "
-                             f"{sorted(base.params())}")
-        if "name" not in overrides:
-            digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()
-            overrides["name"] = f"{base.name}_{digest[:10]}"
-        cfg = dataclasses.replace(base, **overrides)
-    cfg.validate()
-    return cfg
-
-
-def get_builder(config: Any = None, data_dir: str | None = None) -> CharLm:
-    """The builder (array_record under ``data_dir``); refuses a dir made from other parameters."""
-    cfg = resolve_config(config)
-    builder = CharLm(config=cfg, data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        stored = dict(builder.info.metadata or {}).get("params")
-        if stored is not None and stored != json.loads(json.dumps(cfg.params())):
-            raise ValueError(f"{builder.data_dir} was generated with {stored}, which differs "
-                             f"from the requested {cfg.params()}; give the config another name")
-    return builder
+def resolve_config(config: Any = None) -> CharLmConfig:
+    """``globalattn.data.resolve_config('charlm', config)``."""
+    from globalattn.data import pipeline  # the registry imports this module
+    return pipeline.resolve_config(CharLm.name, config)
 
 
 def prepare(config: Any = None, data_dir: str | None = None) -> CharLm:
-    """Generates the splits once (a no-op when already prepared)."""
-    builder = get_builder(config, data_dir)
-    builder.download_and_prepare()
-    return builder
+    """``globalattn.data.prepare('charlm', config, data_dir)``: generates the splits once."""
+    from globalattn.data import pipeline  # the registry imports this module
+    return pipeline.prepare(CharLm.name, config, data_dir)
 
 
-def make_loader(split: str, batch_size: int, seed: int = 0, *, config: Any = None,
-                data_dir: str | None = None, shuffle: bool = True,
-                num_epochs: int | None = None, drop_remainder: bool = True,
-                shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
-    """Batches of the 'token' contract (tokens, labels, label_mask [B, T], ...).
-
-    Prepares the data set first if needed.
-    """
-    builder = prepare(config, data_dir)
-    cfg = builder.builder_config
-    fmt = pipeline.FormatExample("token", cfg.seq_len)
-    return pipeline.loader_from_source(
-        builder.as_data_source(split=split), [fmt], batch_size, seed, shuffle=shuffle,
-        num_epochs=num_epochs, shard_options=shard_options, drop_remainder=drop_remainder)
+def make_loader(split: str, batch_size: int, seed: int = 0, **kwargs: Any) -> grain.DataLoader:
+    """``globalattn.data.make_loader('charlm', ...)``: batches of the 'token' contract."""
+    from globalattn.data import pipeline  # the registry imports this module
+    return pipeline.make_loader(CharLm.name, split, batch_size, seed, **kwargs)
 
 
 def split_text(split: str, config: Any = None, data_dir: str | None = None) -> np.ndarray:
@@ -256,18 +213,3 @@ def split_text(split: str, config: Any = None, data_dir: str | None = None) -> n
         raise ValueError(f"{builder.data_dir}/{split}: chunk indices are not 0..{len(chunks) - 1}")
     body = [np.asarray(r["tokens"], np.int32) for _, r in chunks]
     return np.concatenate(body + [np.asarray(chunks[-1][1]["labels"][-1:], np.int32)])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m globalattn.data.charlm",
-                                     description="Prepare the charlm data set.")
-    parser.add_argument("config", nargs="?", default=None, help="config name (default stdlib_t128)")
-    parser.add_argument("--data_dir", default=None)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    builder = prepare(args.config, args.data_dir)
-    print(f"prepared {builder.data_dir} in {time.perf_counter() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ plus 1 if ``prepend_cls``):
   * 'tokens' int32 [B, T], 'padding_mask' bool [B, T] (True = real token),
     'segment_ids' int32 [B, T] (0 where meaningless and on padding);
   * classification ('listops', 'long_range_retrieval'): 'label' int32 [B];
-  * token tasks ('mqar'): 'labels' int32 [B, T], 'label_mask' bool [B, T];
+  * token tasks ('mqar', 'charlm'): 'labels' int32 [B, T], 'label_mask' bool [B, T];
   * span QA ('span_qa'): 'start' int32 [B], 'end' int32 [B] (inclusive).
 An example longer than T is an error naming both lengths; nothing is truncated.
 """
@@ -43,11 +43,13 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from globalattn.data import builders, listops, mqar, retrieval, span_qa
+from globalattn.data import builders, charlm, listops, mqar, retrieval, span_qa
 
+# The one registry of data sets: TFDS builder name -> builder class.
 BUILDERS: dict[str, type[builders.SyntheticTaskBuilder]] = {
     cls.name: cls
-    for cls in (listops.Listops, mqar.Mqar, retrieval.LongRangeRetrieval, span_qa.SpanQa)
+    for cls in (listops.Listops, mqar.Mqar, retrieval.LongRangeRetrieval, span_qa.SpanQa,
+                charlm.CharLm)
 }
 ConfigArg = str | builders.TaskConfig | Mapping[str, Any] | None
 

@@ -20,12 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from globalattn.modules.config import HEADS, POOLINGS
+from globalattn.sharding import EMBED, VOCAB
+
 Array = jax.Array
 
 __all__ = ["ClassifyHead", "TokenHead", "SpanHead", "LMHead", "HEADS", "POOLINGS",
            "SPAN_MASK_VALUE"]
 
-POOLINGS = ("cls", "globals", "mean")
 # Finite (not -inf): a padded row stays NaN-free in log_softmax and its gradient.
 SPAN_MASK_VALUE = -1e9
 
@@ -33,7 +35,7 @@ SPAN_MASK_VALUE = -1e9
 def _dense(features: int, out_axis: str, dtype, param_dtype, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(
-                        nn.initializers.xavier_uniform(), ("embed", out_axis)),
+                        nn.initializers.xavier_uniform(), (EMBED, out_axis)),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)))
 
 
@@ -64,7 +66,7 @@ class ClassifyHead(nn.Module):
             pooled = masked_mean(h_globals, globals_valid)
         else:
             raise ValueError(f"pooling {self.pooling!r} not in {POOLINGS}")
-        logits = _dense(self.num_classes, "vocab", self.dtype, self.param_dtype, "logits")(
+        logits = _dense(self.num_classes, VOCAB, self.dtype, self.param_dtype, "logits")(
             pooled.astype(h.dtype))
         return logits.astype(jnp.float32)
 
@@ -76,7 +78,7 @@ class TokenHead(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, padding_mask: Array, h_globals=None, globals_valid=None) -> Array:
-        logits = _dense(self.num_classes, "vocab", self.dtype, self.param_dtype, "logits")(h)
+        logits = _dense(self.num_classes, VOCAB, self.dtype, self.param_dtype, "logits")(h)
         return logits.astype(jnp.float32)
 
 
@@ -87,7 +89,7 @@ class SpanHead(nn.Module):
     @nn.compact
     def __call__(self, h: Array, padding_mask: Array, h_globals=None,
                  globals_valid=None) -> Tuple[Array, Array]:
-        logits = _dense(2, "vocab", self.dtype, self.param_dtype, "span")(h).astype(jnp.float32)
+        logits = _dense(2, VOCAB, self.dtype, self.param_dtype, "span")(h).astype(jnp.float32)
         logits = jnp.where(padding_mask[..., None], logits, SPAN_MASK_VALUE)
         return logits[..., 0], logits[..., 1]
 
@@ -99,8 +101,6 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, padding_mask: Array, h_globals=None, globals_valid=None) -> Array:
-        logits = _dense(self.vocab_size, "vocab", self.dtype, self.param_dtype, "logits")(h)
+        logits = _dense(self.vocab_size, VOCAB, self.dtype, self.param_dtype, "logits")(h)
         return logits.astype(jnp.float32)
 
-
-HEADS = ("classify", "token", "span", "lm")

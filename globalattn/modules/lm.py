@@ -45,56 +45,16 @@ import numpy as np
 from globalattn.modules import decode
 from globalattn.ops import streaming
 from globalattn.ops.global_local import global_local_attention
-from globalattn.modules.attention import _proj_in, _proj_out
-from globalattn.modules.encoder import MLP, layer_norm
+from globalattn.modules.block import Attend, TransformerBlock, layer_norm
+from globalattn.modules.config import SINK_LOGITS, BlockConfig
 from globalattn.ops.rope import DEFAULT_BASE, apply_rope
+from globalattn.sharding import EMBED, VOCAB
 
 Array = jax.Array
-# attend(q, k, v, sinks, state) -> (out, state); q, k, v un-rotated [B, T, N, H].
-Attend = Callable[[Array, Array, Array, Optional[Array], Any], Any]
+# The LM's blocks are the shared pre-LN block, attending through an ``attend`` function.
+LMBlock = TransformerBlock
 
 __all__ = ["CausalLM", "LMBlock", "SINK_LOGITS"]
-
-SINK_LOGITS = ("none", "learned", "zero")
-
-
-class LMBlock(nn.Module):
-    """Pre-LN block whose attention function is an argument (training, oracle or cache).
-
-    ``__call__(x [B, T, D], attend, state, deterministic) -> (x, state)``; the
-    block projects q, k, v and hands them un-rotated to ``attend`` with its
-    sink logits (``[N]`` or None).
-    """
-
-    num_heads: int
-    head_dim: int
-    mlp_dim: int
-    sink_logits: str = "none"
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, attend: Attend, state: Any, deterministic: bool = True):
-        N, H, D = self.num_heads, self.head_dim, x.shape[-1]
-        h = layer_norm(self.dtype, self.param_dtype, "ln_attn")(x)
-        q, k, v = (_proj_in(name, N, H, self.dtype, self.param_dtype)(h)
-                   for name in ("query", "key", "value"))
-        sinks = None
-        if self.sink_logits == "learned":
-            sinks = self.param("sinks", nn.with_logical_partitioning(
-                nn.initializers.zeros, ("heads",)), (N,), self.param_dtype)
-        elif self.sink_logits == "zero":
-            sinks = jnp.zeros((N,), jnp.float32)
-        o, state = attend(q, k, v, sinks, state)
-        o = nn.with_logical_constraint(o, ("batch", "length", "heads", "kv"))
-        h = _proj_out(D, self.dtype, self.param_dtype)(o)
-        x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        h = layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
-        h = MLP(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
-            h, deterministic)
-        x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), state
 
 
 class CausalLM(nn.Module):
@@ -151,21 +111,22 @@ class CausalLM(nn.Module):
         init = nn.initializers.normal(0.02)
         self.embed = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
+                              embedding_init=nn.with_logical_partitioning(init, (VOCAB, EMBED)))
         if self.num_sink_tokens:
             self.sink_tokens = self.param(
-                "sink_tokens", nn.with_logical_partitioning(init, (None, "embed")),
+                "sink_tokens", nn.with_logical_partitioning(init, (None, EMBED)),
                 (self.num_sink_tokens, self.d_model), self.param_dtype)
-        self.blocks = [
-            LMBlock(self.num_heads, self.head_dim, self.mlp_dim, self.sink_logits,
-                    self.dropout_rate, self.dtype, self.param_dtype)
-            for _ in range(self.num_layers)]
+        block = BlockConfig(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                            head_dim=self.head_dim, sink_logits=self.sink_logits,
+                            dropout_rate=self.dropout_rate, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
+        self.blocks = [TransformerBlock(block) for _ in range(self.num_layers)]
         self.ln_final = layer_norm(self.dtype, self.param_dtype)
         self.head = nn.Dense(
             self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                     ("embed", "vocab")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+                                                     (EMBED, VOCAB)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,)))
         self.embed_dropout = nn.Dropout(self.dropout_rate)
 
     # ---- shared pieces -----------------------------------------------------
@@ -192,7 +153,7 @@ class CausalLM(nn.Module):
         """Blocks, final LN and head over ``[B, P + T, D]``; logits at data positions."""
         x = self.embed_dropout(x, deterministic=deterministic)
         for i, block in enumerate(self.blocks):
-            x, _ = block(x, attend_for_layer(i), None, deterministic)
+            x, _ = block(x, deterministic=deterministic, attend=attend_for_layer(i))
         logits = self.head(self.ln_final(x)).astype(jnp.float32)
         return logits[:, self.num_sink_tokens:]
 
@@ -293,7 +254,8 @@ class CausalLM(nn.Module):
                     num_sink_slots=G, window=W, base=self.rope_base, sinks=sinks)
                 return out[:, None], (ks, vs)
 
-            x, (ks, vs) = block(x, attend, (cache.keys[i], cache.values[i]), True)
+            x, (ks, vs) = block(x, deterministic=True, attend=attend,
+                                state=(cache.keys[i], cache.values[i]))
             new_keys.append(ks)
             new_values.append(vs)
         logits = self.head(self.ln_final(x))[:, 0].astype(jnp.float32)

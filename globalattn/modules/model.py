@@ -12,8 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from globalattn.modules.config import ModelConfig
 from globalattn.modules.encoder import Encoder
 from globalattn.modules.strategies import GlobalStrategy, GlobalTokens
+from globalattn.sharding import BATCH, EMBED, LENGTH, VOCAB
 
 Array = jax.Array
 
@@ -35,36 +37,34 @@ class Embedder(nn.Module):
     """Token + learned absolute position (+ segment) embeddings: ``[B, T] -> [B, T, D]``.
 
     Segment embeddings are added only when ``segment_ids`` is given and
-    ``num_segments > 0``; ids outside ``[0, num_segments)`` are clipped by the
-    gather (they cannot be checked under jit).
+    ``config.num_segments > 0``; ids outside ``[0, num_segments)`` are clipped by
+    the gather (they cannot be checked under jit). Sizes (vocab_size, max_len,
+    d_model, num_segments) and dtypes come from ``config``.
     """
 
-    vocab_size: int
-    max_len: int
-    d_model: int
-    num_segments: int = 0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Optional[Array] = None) -> Array:
+        c = self.config
+        dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
         B, T = tokens.shape
-        if T > self.max_len:
-            raise ValueError(f"sequence length T={T} exceeds max_len={self.max_len}")
+        if T > c.max_len:
+            raise ValueError(f"sequence length T={T} exceeds max_len={c.max_len}")
         init = nn.initializers.normal(0.02)
-        emb = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="token",
-                       embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")))
+        emb = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
+                       name="token",
+                       embedding_init=nn.with_logical_partitioning(init, (VOCAB, EMBED)))
         x = emb(tokens)
-        pos = self.param("position", nn.with_logical_partitioning(init, (None, "embed")),
-                         (self.max_len, self.d_model), self.param_dtype)
-        x = x + pos[:T].astype(self.dtype)[None]
-        if self.num_segments > 0:
-            seg = self.param("segment", nn.with_logical_partitioning(init, (None, "embed")),
-                             (self.num_segments, self.d_model), self.param_dtype)
+        pos = self.param("position", nn.with_logical_partitioning(init, (None, EMBED)),
+                         (c.max_len, c.d_model), param_dtype)
+        x = x + pos[:T].astype(dtype)[None]
+        if c.num_segments > 0:
+            seg = self.param("segment", nn.with_logical_partitioning(init, (None, EMBED)),
+                             (c.num_segments, c.d_model), param_dtype)
             if segment_ids is not None:
-                x = x + jnp.take(seg, segment_ids, axis=0, mode="clip").astype(self.dtype)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+                x = x + jnp.take(seg, segment_ids, axis=0, mode="clip").astype(dtype)
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
 
 class GlobalTokenModel(nn.Module):

@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from globalattn.modules.attention import CrossAttention
-from globalattn.modules.encoder import MLP, EncoderBlock, layer_norm
+from globalattn.modules.block import MLP, TransformerBlock, layer_norm
+from globalattn.modules.config import BlockConfig, ModelConfig
 from globalattn.modules.heads import masked_mean
 from globalattn.modules.model import Embedder, check_tokens
 from globalattn.modules.strategies import active_count
+from globalattn.sharding import EMBED
 
 Array = jax.Array
 
@@ -29,70 +31,79 @@ __all__ = ["CrossAttendBlock", "Perceiver", "PerceiverModel"]
 
 
 class CrossAttendBlock(nn.Module):
-    """queries + Drop(XAttn(LN(queries), LN(inputs))), then + Drop(MLP(LN(.)))."""
+    """queries + Drop(XAttn(LN(queries), LN(inputs))), then + Drop(MLP(LN(.))).
 
-    num_heads: int
-    mlp_dim: int
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    ``config.num_heads`` are the cross-attention heads; its window and global
+    fields do not apply (cross-attention is dense over the valid pairs).
+    """
+
+    config: BlockConfig
 
     @nn.compact
     def __call__(self, queries: Array, inputs: Array, query_mask: Array, key_mask: Array,
                  deterministic: bool = True) -> Array:
-        q = layer_norm(self.dtype, self.param_dtype, "ln_q")(queries)
-        kv = layer_norm(self.dtype, self.param_dtype, "ln_kv")(inputs)
-        a = CrossAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        c = self.config
+        q = layer_norm(c.dtype, c.param_dtype, "ln_q")(queries)
+        kv = layer_norm(c.dtype, c.param_dtype, "ln_kv")(inputs)
+        a = CrossAttention(c.num_heads, dtype=c.dtype, param_dtype=c.param_dtype,
                            name="xattn")(q, kv, query_mask, key_mask)
-        x = queries + nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
-        h = layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
-        h = MLP(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
+        x = queries + nn.Dropout(c.dropout_rate)(a, deterministic=deterministic)
+        h = layer_norm(c.dtype, c.param_dtype, "ln_mlp")(x)
+        h = MLP(c.mlp_dim, c.dropout_rate, c.dtype, c.param_dtype, name="mlp")(
             h, deterministic)
-        return x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return x + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
 
 
 class Perceiver(nn.Module):
-    """Latent encoder and query decoder (see module docstring)."""
+    """Latent encoder and query decoder (see module docstring).
 
-    num_latents: int
-    d_model: int
-    num_heads: int
-    mlp_dim: int
-    num_latent_layers: int = 2
-    share_weights: bool = False
-    num_cross_heads: int = 1
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    Attributes:
+      config: the model config; ``config.perceiver`` gives the latent array
+        (num_latents, num_latent_layers, share_weights, num_cross_heads).
+    """
+
+    config: ModelConfig
+
+    @property
+    def num_latents(self) -> int:
+        return self.config.perceiver.num_latents
+
+    @property
+    def param_dtype(self) -> Any:
+        return self.config.jnp_param_dtype
 
     def setup(self):
+        c, p = self.config, self.config.perceiver
+        dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
         self.latents = self.param(
-            "latents", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (self.num_latents, self.d_model), self.param_dtype)
-        kw = dict(dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder_xattn = CrossAttendBlock(self.num_cross_heads, self.mlp_dim, **kw)
-        n_blocks = 1 if self.share_weights else self.num_latent_layers
-        self.latent_blocks = [
-            EncoderBlock(self.num_heads, self.mlp_dim, kind="full", **kw) for _ in range(n_blocks)]
-        self.latent_norm = layer_norm(self.dtype, self.param_dtype)
-        self.decoder_xattn = CrossAttendBlock(self.num_cross_heads, self.mlp_dim, **kw)
-        self.output_norm = layer_norm(self.dtype, self.param_dtype)
+            "latents", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, EMBED)),
+            (p.num_latents, c.d_model), param_dtype)
+        latent = c.latent_block()
+        cross = BlockConfig(num_heads=p.num_cross_heads, mlp_dim=c.mlp_dim,
+                            dropout_rate=c.dropout, dtype=dtype, param_dtype=param_dtype)
+        self.encoder_xattn = CrossAttendBlock(cross)
+        n_blocks = 1 if p.share_weights else p.num_latent_layers
+        self.latent_blocks = [TransformerBlock(latent, "full") for _ in range(n_blocks)]
+        self.latent_norm = layer_norm(dtype, param_dtype)
+        self.decoder_xattn = CrossAttendBlock(cross)
+        self.output_norm = layer_norm(dtype, param_dtype)
 
     def encode(self, x: Array, padding_mask: Array, *, num_active: Any = None,
                deterministic: bool = True) -> Tuple[Array, Array]:
         """x ``[B, S, D]``, padding_mask ``[B, S]`` -> (latents ``[B, M, D]``,
         latent_mask bool ``[B, M]``)."""
         B, S, D = x.shape
-        if D != self.d_model or padding_mask.shape != (B, S):
+        c = self.config
+        if D != c.d_model or padding_mask.shape != (B, S):
             raise ValueError(
-                f"perceiver inputs must be [B, S, d_model={self.d_model}] with padding_mask "
+                f"perceiver inputs must be [B, S, d_model={c.d_model}] with padding_mask "
                 f"[B, S]; got {x.shape} and {padding_mask.shape}")
         M = self.num_latents
         latent_mask = jnp.arange(M)[None, :] < active_count(num_active, M, B)
-        z = jnp.broadcast_to(self.latents.astype(self.dtype), (B, M, D))
+        z = jnp.broadcast_to(self.latents.astype(c.jnp_dtype), (B, M, D))
         z = self.encoder_xattn(z, x, latent_mask, padding_mask, deterministic)
-        for i in range(self.num_latent_layers):
-            block = self.latent_blocks[0 if self.share_weights else i]
+        for i in range(c.perceiver.num_latent_layers):
+            block = self.latent_blocks[0 if c.perceiver.share_weights else i]
             z = block(z, latent_mask, None, None, deterministic)
         return self.latent_norm(z), latent_mask
 
@@ -138,7 +149,7 @@ class PerceiverModel(nn.Module):
         if self.head_type == "classify":
             if self.pooling == "cls":
                 q = self.param("output_query", nn.with_logical_partitioning(
-                    nn.initializers.normal(0.02), (None, "embed")), (1, D),
+                    nn.initializers.normal(0.02), (None, EMBED)), (1, D),
                     self.perceiver.param_dtype)
                 q = jnp.broadcast_to(q.astype(x.dtype), (B, 1, D))
                 h = self.perceiver.decode(q, z, zm, None, deterministic)

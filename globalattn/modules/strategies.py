@@ -24,6 +24,12 @@ Prepended tokens. ``extra`` and ``sinks`` prepend their P = G learned tokens
 inside the model; every other strategy uses the data as-is (for ``cls``: the
 data's own first real token, e.g. a [CLS] at position 0, is the global one).
 
+Registry. :data:`STRATEGIES` maps each name to its module class; a class
+reads its fields from a :class:`globalattn.modules.config.StrategyConfig`
+(``validate`` / ``from_config`` / ``capacity_of``), and which tokens it makes
+global comes from the selection functions of :mod:`globalattn.patterns` (the
+one home of global-token selection). :func:`build_strategy` is a lookup.
+
 Static facts the encoder needs (``capacity``, ``num_prepended``,
 ``window_override``, ``block_size``, ``sink_logits``) are properties of the
 unbound module, so :func:`globalattn.modules.build_model` reads them at build
@@ -31,15 +37,20 @@ time and nothing shape-like is traced.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from globalattn import patterns
 from globalattn.ops import validate as V
 from globalattn.ops.dense import gather_global_positions, random_block_indices
+from globalattn.sharding import EMBED
+
+if TYPE_CHECKING:
+    from globalattn.modules.config import ModelConfig, StrategyConfig
 
 Array = jax.Array
 
@@ -56,7 +67,12 @@ __all__ = [
     "ExtraTokens",
     "SinkTokens",
     "STRATEGIES",
+    "RANDOM_POLICIES",
     "active_count",
+    "build_strategy",
+    "check_block_size",
+    "register",
+    "validate_strategy",
 ]
 
 RANDOM_POLICIES = ("resample", "fixed")
@@ -126,21 +142,44 @@ def _check_inputs(x: Array, padding_mask: Array) -> Tuple[int, int]:
     return B, T
 
 
-def _first_active(candidates: Array, n: Array) -> Array:
-    """Keeps the first ``n`` [B, 1] True entries of ``candidates`` [B, T], in position order."""
-    rank = jnp.cumsum(candidates, axis=-1, dtype=jnp.int32) - 1
-    return candidates & (rank < n)
+def check_block_size(block_size: int, length: int, what: str = "sequence length T") -> None:
+    """BigBird needs at least one whole block: ValueError naming both values otherwise."""
+    if block_size > length:
+        raise ValueError(f"bigbird block_size={block_size} exceeds {what}={length}")
 
 
-def _first_real(padding_mask: Array) -> Array:
-    """Position [B, 1] of the first real token (0 for an all-padding row)."""
-    return jnp.argmax(padding_mask, axis=-1)[:, None]
+def _int(s: "StrategyConfig", name: str, lo: int) -> int:
+    v = getattr(s, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"model config strategy.{name} must be an int >= {lo}, got {v!r}")
+    return v
 
 
-def _last_real(padding_mask: Array) -> Array:
-    """Position [B, 1] of the last real token (-1 for an all-padding row)."""
-    T = padding_mask.shape[-1]
-    return jnp.max(jnp.where(padding_mask, jnp.arange(T), -1), axis=-1, keepdims=True)
+STRATEGIES: Dict[str, Type["GlobalStrategy"]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: adds a strategy to :data:`STRATEGIES` under ``name``."""
+    def add(cls):
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is registered twice")
+        STRATEGIES[name] = cls
+        return cls
+    return add
+
+
+def validate_strategy(s: "StrategyConfig", model: "ModelConfig") -> None:
+    """Checks ``s`` for its strategy (ValueError naming the field and value)."""
+    if s.name not in STRATEGIES:
+        raise ValueError(f"model config name={s.name!r} not in {tuple(STRATEGIES)}")
+    STRATEGIES[s.name].validate(s, model)
+
+
+def build_strategy(model: Any) -> "GlobalStrategy":
+    """The strategy module of a model config (a lookup in :data:`STRATEGIES`)."""
+    from globalattn.modules.config import ModelConfig
+    model = ModelConfig.from_config(model)
+    return STRATEGIES[model.strategy.name].from_config(model.strategy, model)
 
 
 class GlobalStrategy(nn.Module):
@@ -171,11 +210,25 @@ class GlobalStrategy(nn.Module):
         """bool ``[B, T]``: tokens that may be global, before ``num_active``."""
         raise NotImplementedError
 
+    # ---- the registry interface (config -> module) --------------------------
+    @classmethod
+    def validate(cls, s: "StrategyConfig", model: "ModelConfig") -> None:
+        """Checks the fields of ``s`` this strategy reads; none by default."""
+
+    @classmethod
+    def from_config(cls, s: "StrategyConfig", model: "ModelConfig") -> "GlobalStrategy":
+        return cls()
+
+    @classmethod
+    def capacity_of(cls, s: "StrategyConfig") -> int:
+        """The static capacity G of the module ``from_config(s, ...)`` builds."""
+        return cls().capacity
+
     def __call__(self, x: Array, padding_mask: Array, segment_ids: Optional[Array] = None, *,
                  num_active: Any = None, deterministic: bool = True) -> GlobalTokens:
         B, T = _check_inputs(x, padding_mask)
         n = active_count(num_active, self.capacity, B)
-        glob = _first_active(self.candidates(padding_mask, segment_ids) & padding_mask, n)
+        glob = patterns.keep_first(self.candidates(padding_mask, segment_ids) & padding_mask, n)
         return self._finish(x, padding_mask, glob)
 
     def _finish(self, x, padding_mask, glob, random_blocks=None) -> GlobalTokens:
@@ -189,6 +242,7 @@ class GlobalStrategy(nn.Module):
                             slot_valid=valid, random_blocks=random_blocks)
 
 
+@register("none")
 class NoGlobals(GlobalStrategy):
     """``none``: sliding window only (G = 0)."""
 
@@ -200,6 +254,7 @@ class NoGlobals(GlobalStrategy):
         return jnp.zeros_like(padding_mask)
 
 
+@register("cls")
 class ClsGlobal(GlobalStrategy):
     """``cls``: the first real token (the data's [CLS], used as-is) is global. G = 1."""
 
@@ -208,10 +263,10 @@ class ClsGlobal(GlobalStrategy):
         return 1
 
     def candidates(self, padding_mask, segment_ids):
-        T = padding_mask.shape[-1]
-        return jnp.arange(T) == _first_real(padding_mask)
+        return patterns.cls(padding_mask)
 
 
+@register("first")
 class FirstGlobals(GlobalStrategy):
     """``first``: the first ``num_globals`` real tokens are global. G = num_globals."""
 
@@ -222,9 +277,22 @@ class FirstGlobals(GlobalStrategy):
         return self.num_globals
 
     def candidates(self, padding_mask, segment_ids):
-        return padding_mask  # _first_active keeps the first n.
+        return padding_mask  # patterns.keep_first keeps the first n.
+
+    @classmethod
+    def validate(cls, s, model):
+        _int(s, "num_globals", 1)
+
+    @classmethod
+    def from_config(cls, s, model):
+        return cls(num_globals=s.num_globals)
+
+    @classmethod
+    def capacity_of(cls, s):
+        return s.num_globals
 
 
+@register("first_last")
 class FirstLastGlobals(GlobalStrategy):
     """``first_last``: first and last real token (e.g. [CLS] and [SEP]). G = 2."""
 
@@ -233,10 +301,10 @@ class FirstLastGlobals(GlobalStrategy):
         return 2
 
     def candidates(self, padding_mask, segment_ids):
-        pos = jnp.arange(padding_mask.shape[-1])
-        return (pos == _first_real(padding_mask)) | (pos == _last_real(padding_mask))
+        return patterns.first_last(padding_mask)
 
 
+@register("periodic")
 class PeriodicGlobals(GlobalStrategy):
     """``periodic``: every ``period``-th position (0, k, 2k, ...) among real tokens.
 
@@ -256,17 +324,34 @@ class PeriodicGlobals(GlobalStrategy):
     def candidates(self, padding_mask, segment_ids):
         T = padding_mask.shape[-1]
         G = self.num_globals
+        if G == 0:
+            return jnp.zeros_like(padding_mask)
         if self.period is None:
-            k = -(-T // max(G, 1))
+            k = -(-T // G)
         else:
             k = self.period
             if G * k < T:
                 raise ValueError(
                     f"periodic strategy: num_globals={G} * period={k} = {G * k} does not "
                     f"cover the sequence length T={T}; raise num_globals to {-(-T // k)}")
-        return (jnp.arange(T) % k == 0)[None, :] & (G > 0)
+        return patterns.periodic(padding_mask, k)
+
+    @classmethod
+    def validate(cls, s, model):
+        if s.period is not None:
+            _int(s, "period", 1)
+        _int(s, "num_globals", 1)
+
+    @classmethod
+    def from_config(cls, s, model):
+        return cls(num_globals=s.num_globals, period=s.period)
+
+    @classmethod
+    def capacity_of(cls, s):
+        return s.num_globals
 
 
+@register("task")
 class TaskGlobals(GlobalStrategy):
     """``task``: every token of segment ``question_segment`` is global (QA questions).
 
@@ -286,20 +371,30 @@ class TaskGlobals(GlobalStrategy):
     def candidates(self, padding_mask, segment_ids):
         if segment_ids is None:
             raise ValueError("strategy 'task' needs segment_ids [B, T] to find the question")
-        if segment_ids.shape != padding_mask.shape:
-            raise ValueError(
-                f"segment_ids shape {segment_ids.shape} != padding_mask shape {padding_mask.shape}")
-        return segment_ids == self.question_segment
+        return patterns.from_segments(segment_ids, (self.question_segment,), padding_mask)
 
     def __call__(self, x, padding_mask, segment_ids=None, *, num_active=None, deterministic=True):
         B, T = _check_inputs(x, padding_mask)
-        glob = self.candidates(padding_mask, segment_ids) & padding_mask
+        glob = self.candidates(padding_mask, segment_ids)
         if num_active is not None:
             # Only an explicit count trims the question; capacity overflow stays loud.
-            glob = _first_active(glob, active_count(num_active, self.capacity, B))
+            glob = patterns.keep_first(glob, active_count(num_active, self.capacity, B))
         return self._finish(x, padding_mask, glob)
 
+    @classmethod
+    def validate(cls, s, model):
+        _int(s, "num_globals", 1)
 
+    @classmethod
+    def from_config(cls, s, model):
+        return cls(num_globals=s.num_globals, question_segment=s.question_segment)
+
+    @classmethod
+    def capacity_of(cls, s):
+        return s.num_globals
+
+
+@register("bigbird")
 class BigBirdGlobals(GlobalStrategy):
     """``bigbird`` (ITC): first and last block global, a block window, random blocks.
 
@@ -336,11 +431,7 @@ class BigBirdGlobals(GlobalStrategy):
         return (0, 0)
 
     def candidates(self, padding_mask, segment_ids):
-        T = padding_mask.shape[-1]
-        blk = jnp.arange(T) // self.block_size
-        first = _first_real(padding_mask) // self.block_size
-        last = jnp.maximum(_last_real(padding_mask), 0) // self.block_size
-        return (blk == first) | (blk == last)
+        return patterns.first_last_blocks(padding_mask, self.block_size)
 
     def draw_blocks(self, batch: int, seq_len: int, deterministic: bool) -> Array:
         """int32 ``[L, B or 1, N, nb, window_blocks + num_random_blocks]``."""
@@ -367,13 +458,36 @@ class BigBirdGlobals(GlobalStrategy):
 
     def __call__(self, x, padding_mask, segment_ids=None, *, num_active=None, deterministic=True):
         B, T = _check_inputs(x, padding_mask)
-        if self.block_size > T:
-            raise ValueError(f"bigbird block_size={self.block_size} exceeds sequence length T={T}")
+        check_block_size(self.block_size, T)
         n = active_count(num_active, self.capacity, B)
-        glob = _first_active(self.candidates(padding_mask, segment_ids) & padding_mask, n)
+        glob = patterns.keep_first(self.candidates(padding_mask, segment_ids) & padding_mask, n)
         return self._finish(x, padding_mask, glob, self.draw_blocks(B, T, deterministic))
 
+    @classmethod
+    def validate(cls, s, model):
+        check_block_size(_int(s, "block_size", 1), model.max_len, "max_len")
+        if _int(s, "window_blocks", 1) % 2 == 0:
+            raise ValueError(f"bigbird window_blocks must be odd, got {s.window_blocks}")
+        _int(s, "num_random_blocks", 0)
+        for field in ("train_random", "eval_random"):
+            if getattr(s, field) not in RANDOM_POLICIES:
+                raise ValueError(f"model config strategy.{field}={getattr(s, field)!r} not in "
+                                 f"{RANDOM_POLICIES}")
 
+    @classmethod
+    def from_config(cls, s, model):
+        return cls(block_size=s.block_size, num_random_blocks=s.num_random_blocks,
+                   window_blocks=s.window_blocks, train_random=s.train_random,
+                   eval_random=s.eval_random, eval_seed=s.eval_seed,
+                   per_example=s.per_example_random, num_layers=model.num_layers,
+                   num_heads=model.num_heads)
+
+    @classmethod
+    def capacity_of(cls, s):
+        return 2 * s.block_size
+
+
+@register("extra")
 class ExtraTokens(GlobalStrategy):
     """``extra`` (ETC global tokens, memory tokens, registers): G learned tokens prepended.
 
@@ -400,7 +514,7 @@ class ExtraTokens(GlobalStrategy):
         B, T = _check_inputs(x, padding_mask)
         G, D = self.num_globals, x.shape[-1]
         table = self.param("global_tokens", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), (None, "embed")), (G, D), self.param_dtype)
+            nn.initializers.normal(0.02), (None, EMBED)), (G, D), self.param_dtype)
         n = active_count(num_active, G, B)
         slot_on = jnp.arange(G)[None, :] < n  # [B, G]
         xe = jnp.concatenate([jnp.broadcast_to(table.astype(x.dtype), (B, G, D)), x], axis=1)
@@ -410,7 +524,21 @@ class ExtraTokens(GlobalStrategy):
         return GlobalTokens(x=xe, padding_mask=pad, global_mask=glob, positions=pos,
                             slot_valid=slot_on, num_prepended=G)
 
+    @classmethod
+    def validate(cls, s, model):
+        _int(s, "num_globals", 0)
 
+    @classmethod
+    def from_config(cls, s, model):
+        return cls(num_globals=s.num_globals, drop_output=s.drop_output,
+                   param_dtype=model.jnp_param_dtype)
+
+    @classmethod
+    def capacity_of(cls, s):
+        return s.num_globals
+
+
+@register("sinks")
 class SinkTokens(ExtraTokens):
     """``sinks`` (StreamingLLM): G learned sink tokens prepended (global, so every
     query sees them, also under causal masking) and/or, with ``use_sink_logits``,
@@ -427,15 +555,13 @@ class SinkTokens(ExtraTokens):
     def sink_logits(self) -> bool:
         return self.use_sink_logits
 
+    @classmethod
+    def validate(cls, s, model):
+        if _int(s, "num_globals", 0) == 0 and not s.sink_logits:
+            raise ValueError("strategy 'sinks' needs num_globals > 0 sink tokens or "
+                             "sink_logits=True")
 
-STRATEGIES = {
-    "none": NoGlobals,
-    "cls": ClsGlobal,
-    "first": FirstGlobals,
-    "first_last": FirstLastGlobals,
-    "periodic": PeriodicGlobals,
-    "task": TaskGlobals,
-    "bigbird": BigBirdGlobals,
-    "extra": ExtraTokens,
-    "sinks": SinkTokens,
-}
+    @classmethod
+    def from_config(cls, s, model):
+        return cls(num_globals=s.num_globals, use_sink_logits=s.sink_logits,
+                   param_dtype=model.jnp_param_dtype)

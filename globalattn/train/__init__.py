@@ -2,6 +2,8 @@
 
 * :func:`train_and_evaluate` (:mod:`.loop`) -- one run in a workdir, resumable;
   returns the final metrics dict.
+* :func:`evaluate` (:mod:`.evaluation`) -- metrics over a whole split, for one
+  model or K vmapped variants (the loop and the ablation both call it).
 * :mod:`.ablation` -- K variants (global count, seed, learning rate) trained in
   one vmapped program, each equal to its separate run.
 * :func:`base_config`, :func:`validate_config`, :func:`load_config`,
@@ -22,7 +24,8 @@ from globalattn.train.config import (
     sweep_configs,
     validate_config,
 )
-from globalattn.train.loop import NonFiniteError, evaluate, train_and_evaluate
+from globalattn.train.evaluation import evaluate
+from globalattn.train.loop import NonFiniteError, train_and_evaluate
 from globalattn.train.metrics import MetricWriter, read_jsonl
 from globalattn.train.optim import learning_rate_schedule, make_optimizer
 from globalattn.train.state import TrainState, fingerprint, init_train_state, state_shardings

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from globalattn.modules import build_model
 from globalattn.train import inputs
+from globalattn.train.evaluation import evaluate
 from globalattn.train.config import RunSpec, apply_overrides, validate_config
 from globalattn.train.optim import learning_rate_schedule, make_optimizer
 from globalattn.train.state import init_state
@@ -123,7 +123,7 @@ class AblationResult:
 
 def _step_program(config: ml_collections.ConfigDict, spec: RunSpec):
     """``(init_one, step_one, eval_one)``: single-variant functions to vmap."""
-    model = build_model(spec.model_config)
+    model = spec.model
     steps = config.num_train_steps
     tx = make_optimizer(config.optim, steps)  # the state's structure does not depend on lr
     step_fn = make_step_fn(model, spec.meta.kind,
@@ -221,8 +221,8 @@ def train_variants(config: ml_collections.ConfigDict, variants: Sequence[Variant
               "diverged": bool(max_run[k] >= config.nonfinite.max_consecutive)}
              for k in range(len(variants))]
     for split in (config.data.final_eval_splits if eval_splits is None else eval_splits):
-        sums = _eval_split(veval, states.params, num_active, config, spec, split)
-        for k, metrics in enumerate(sums):
+        per_variant = evaluate(veval, states.params, config, spec, split, args=(num_active,))
+        for k, metrics in enumerate(per_variant):
             final[k].update({f"{split}/{name}": value for name, value in metrics.items()})
     return AblationResult(variants=variants, train=train, final=final, compile_s=compile_s,
                           train_s=train_s, spec=spec)
@@ -236,26 +236,6 @@ def _longest_nonfinite_run(finite: np.ndarray) -> np.ndarray:
         run = np.where(row > 0, 0, run + 1)
         best = np.maximum(best, run)
     return best
-
-
-def _eval_split(veval, params: Any, num_active: jax.Array, config: ml_collections.ConfigDict,
-                spec: RunSpec, split: str) -> list[dict[str, float]]:
-    """Per-variant metrics over every example of ``split`` (as loop.evaluate does for one)."""
-    totals: dict[str, np.ndarray] = {}
-    examples = 0.0
-    for np_batch in inputs.eval_batches(config, spec, split):
-        examples += float(np_batch["weights"].sum())
-        sums = jax.device_get(veval(params, jax.device_put(np_batch), num_active))
-        for name, (s, n) in sums.items():
-            acc = totals.setdefault(name, np.zeros((2, len(np.atleast_1d(s))), np.float64))
-            acc[0] += np.asarray(s, np.float64)
-            acc[1] += np.asarray(n, np.float64)
-    if int(round(examples)) != spec.split_sizes[split]:
-        raise RuntimeError(f"evaluated {examples} examples of {config.data.name}/{split}, but "
-                           f"the split has {spec.split_sizes[split]}")
-    k = len(num_active)
-    return [{**{name: float(acc[0][i] / max(acc[1][i], 1.0)) for name, acc in totals.items()},
-             "num_examples": int(round(examples))} for i in range(k)]
 
 
 def time_steps(config: ml_collections.ConfigDict, variants: Sequence[Variant], steps: int,

@@ -31,7 +31,8 @@ from ml_collections import config_dict
 
 from globalattn import data as data_lib
 from globalattn import sharding as sharding_lib
-from globalattn.modules import build_model, default_model_config
+from globalattn.modules import ModelConfig, build_model, default_model_config
+from globalattn.modules.strategies import check_block_size
 
 __all__ = [
     "RunSpec",
@@ -217,7 +218,9 @@ class RunSpec:
     Attributes:
       meta: the task's metadata (kind, vocab, classes, stored length).
       seq_len: T of every batch (max_length, +1 with prepend_cls).
-      model_config: the full, locked model config (placeholders filled).
+      model_config: the frozen, validated model config (placeholders filled).
+      model: the model ``build_model(model_config)``, built once here; the loop
+        and the ablation use it.
       capacity: static global capacity G of the model (latents for Perceiver).
       mesh_shape: every axis of ``config.mesh`` (e.g. data / fsdp / model), -1 resolved.
       rules: the logical-axis rules (``config.logical_axis_rules`` or the defaults).
@@ -227,7 +230,8 @@ class RunSpec:
 
     meta: data_lib.TaskMetadata
     seq_len: int
-    model_config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    model: Any
     capacity: int
     mesh_shape: dict[str, int]
     rules: Any
@@ -245,8 +249,9 @@ def _positive(errors: list[str], name: str, v: Any, lo: int = 1) -> None:
 
 
 def _model_config(config: ml_collections.ConfigDict, meta: data_lib.TaskMetadata, seq_len: int,
-                  errors: list[str]) -> ml_collections.ConfigDict:
-    """The model config with task-derived placeholders filled; checks explicit values."""
+                  errors: list[str]) -> dict:
+    """The model config (a dict) with task-derived placeholders filled; checks explicit
+    values against the task."""
     m = config.model
     derived = {"vocab_size": meta.vocab_size, "max_len": seq_len,
                "num_classes": meta.num_classes or default_model_config().num_classes}
@@ -264,14 +269,10 @@ def _model_config(config: ml_collections.ConfigDict, meta: data_lib.TaskMetadata
     if m.head != want:
         errors.append(f"model.head={m.head!r} does not fit task {config.data.name!r} of kind "
                       f"{meta.kind!r}; set --config.model.head={want}")
-    out = default_model_config()
-    for key in out.keys():
-        if key in derived and m[key] is None:
-            out[key] = derived[key]
-        elif isinstance(out[key], ml_collections.ConfigDict):
-            out[key] = m[key].to_dict()
-        else:
-            out[key] = m[key]
+    out = m.to_dict()
+    for key, value in derived.items():
+        if out[key] is None:
+            out[key] = value
     return out
 
 
@@ -379,31 +380,31 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     seq_len = meta.max_length + int(bool(config.data.prepend_cls))
 
     # Model: derived fields, then the model's own checks, then model vs data.
-    model_cfg = _model_config(config, meta, seq_len, errors)
-    capacity = 0
+    model_dict = _model_config(config, meta, seq_len, errors)
+    model_cfg, model, capacity = None, None, 0
     try:
-        model = build_model(model_cfg)
-        capacity = (model.perceiver.num_latents if model_cfg.arch == "perceiver"
-                    else model.strategy.capacity)
+        model_cfg = ModelConfig.from_config(model_dict)  # every model-field check, once
+        capacity = model_cfg.capacity
     except ValueError as err:
         errors.append(f"model: {err}")
-        model = None
     if mesh_shape:
-        errors += _model_vs_mesh(model_cfg, mesh_shape, rules)
-    if model is not None:
+        errors += _model_vs_mesh(model_dict, mesh_shape, rules)
+    if model_cfg is not None:
         errors += _model_vs_data(config, model_cfg, task_cfg, seq_len, capacity)
     if errors:
         raise ValueError(_format(errors))
-    model_cfg.lock()
-    return RunSpec(meta=meta, seq_len=seq_len, model_config=model_cfg, capacity=capacity,
-                   mesh_shape=mesh_shape, rules=rules, eval_batch_size=eval_bs, split_sizes=split_sizes)
+    model = build_model(model_cfg)
+    return RunSpec(meta=meta, seq_len=seq_len, model_config=model_cfg, model=model,
+                   capacity=capacity, mesh_shape=mesh_shape, rules=rules,
+                   eval_batch_size=eval_bs, split_sizes=split_sizes)
 
 
 # Logical axes of the parameters -> the model config field that sizes them.
-_PARAM_AXIS_SIZE = {"embed": "d_model", "heads": "num_heads", "mlp": "mlp_dim"}
+_PARAM_AXIS_SIZE = {sharding_lib.EMBED: "d_model", sharding_lib.HEADS: "num_heads",
+                    sharding_lib.MLP: "mlp_dim"}
 
 
-def _model_vs_mesh(m: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+def _model_vs_mesh(m: Mapping[str, Any], mesh_shape: dict[str, int],
                    rules: Any) -> list[str]:
     """Parameter dimensions that the rules split over mesh axes they do not divide."""
     errors = []
@@ -421,7 +422,7 @@ def _model_vs_mesh(m: ml_collections.ConfigDict, mesh_shape: dict[str, int],
     return errors
 
 
-def _model_vs_data(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
+def _model_vs_data(config: ml_collections.ConfigDict, m: ModelConfig,
                    task_cfg: data_lib.TaskConfig, seq_len: int, capacity: int) -> list[str]:
     errors = []
     s = m.strategy
@@ -431,8 +432,11 @@ def _model_vs_data(config: ml_collections.ConfigDict, m: ml_collections.ConfigDi
     if encoder and s.name != "bigbird" and m.attention_schedule != "full" and m.window >= seq_len - 1:
         errors.append(f"model.window={m.window} >= T-1={seq_len - 1}: every token already sees the "
                       f"whole sequence; use model.attention_schedule='full' for a dense baseline")
-    if encoder and s.name == "bigbird" and s.block_size > seq_len:
-        errors.append(f"model.strategy.block_size={s.block_size} > sequence length T={seq_len}")
+    if encoder and s.name == "bigbird":
+        try:
+            check_block_size(s.block_size, seq_len)
+        except ValueError as err:
+            errors.append(f"model.strategy: {err}")
     if encoder and s.name in ("first", "periodic") and s.num_globals > seq_len:
         errors.append(f"model.strategy.num_globals={s.num_globals} > sequence length T={seq_len}")
     if encoder and s.name == "task":
@@ -448,8 +452,6 @@ def _model_vs_data(config: ml_collections.ConfigDict, m: ml_collections.ConfigDi
     if n is not None and not 0 <= n <= capacity:
         errors.append(f"num_active_globals={n} outside [0, capacity G={capacity}] of strategy "
                       f"{s.name!r}")
-    if m.pooling == "globals" and m.head == "classify" and capacity == 0:
-        errors.append(f"model.pooling='globals' but strategy {s.name!r} has no global tokens")
     return errors
 
 

@@ -33,9 +33,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from globalattn.modules import build_model
 from globalattn import sharding as sharding_lib
 from globalattn.train import inputs
+from globalattn.train.evaluation import evaluate
 from globalattn.train.checkpoint import Checkpointer, PreemptionGuard, state_signature
 from globalattn.train.config import RunSpec, validate_config
 from globalattn.train.metrics import MetricWriter, Progress
@@ -54,29 +54,6 @@ _MAX_PROGRAMS = 4  # compiled programs kept per process (each holds its executab
 
 class NonFiniteError(FloatingPointError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def evaluate(eval_step: Callable, params: Any, config: ml_collections.ConfigDict, spec: RunSpec,
-             split: str, sharding: NamedSharding) -> dict[str, float]:
-    """Metrics over every example of ``split`` (padding examples carry weight 0)."""
-    totals: dict[str, list[float]] = {}
-    examples = 0.0
-    for np_batch in inputs.eval_batches(config, spec, split):
-        examples += float(np_batch["weights"].sum())
-        sums = jax.device_get(eval_step(params, inputs.to_global(np_batch, sharding)))
-        for k, (s, n) in sums.items():
-            acc = totals.setdefault(k, [0.0, 0.0])
-            acc[0] += float(s)
-            acc[1] += float(n)
-    out = {k: s / max(n, 1.0) for k, (s, n) in totals.items()}
-    if jax.process_count() > 1:
-        examples = float(np.sum(multihost_utils.process_allgather(np.float32(examples))))
-    # The weights count real examples: a mismatch means an example was dropped or doubled.
-    if int(round(examples)) != spec.split_sizes[split]:
-        raise RuntimeError(f"evaluated {examples} examples of {config.data.name}/{split}, but "
-                           f"the split has {spec.split_sizes[split]}")
-    out["num_examples"] = int(round(examples))
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +91,7 @@ def _program(config: ml_collections.ConfigDict, spec: RunSpec) -> _Program:
         _PROGRAMS.move_to_end(key)
         return _PROGRAMS[key]
     mesh = sharding_lib.make_mesh(mesh_shape)
-    model = build_model(spec.model_config)
+    model = spec.model
     tx = make_optimizer(config.optim, config.num_train_steps)
     abstract_state, shardings = state_shardings(model, tx, spec.seq_len, mesh, rules)
     na = config.num_active_globals
