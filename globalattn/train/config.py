@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     model.max_len = config_dict.placeholder(int)
     c.model = model
     c.num_active_globals = config_dict.placeholder(int)  # None = all G slots active
+    # A converted pretrained checkpoint (python -m globalattn.convert) to fine-tune: the
+    # model is then its encoder with the task's head (see globalattn.train.init_from).
+    c.init_from = config_dict.placeholder(str)
 
     c.batch_size = 32  # global (all processes, all devices)
     c.eval_batch_size = config_dict.placeholder(int)  # None = batch_size
