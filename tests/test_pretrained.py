@@ -236,3 +236,32 @@ def test_out_of_range_ids():
         model.apply(variables, np.full((1, 5), 64))
     with pytest.raises(ValueError, match="position_ids must lie in"):
         model.apply(variables, np.full((1, 70), 5))
+
+
+@pytest.mark.slow
+def test_remat_gives_the_same_loss_and_gradients():
+    a = {k.split("/", 1)[1]: v for k, v in ARRAYS.items() if k.startswith("bigbird/")}
+    grads = []
+    for remat in (False, True):
+        model, variables = load_hf(os.path.join(GOLDEN, "bigbird"), remat=remat)
+
+        def loss(p):
+            out = model.apply({"params": p}, a["input_ids"], attention_mask=a["attention_mask"],
+                              random_blocks=a["random_blocks"])
+            return jnp.sum(out["last_hidden_state"] ** 2) + jnp.sum(out["pooler_output"])
+        grads.append(jax.jit(jax.value_and_grad(loss))(variables["params"]))
+    (l0, g0), (l1, g1) = grads
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.all(np.isfinite(x))
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dropout_needs_its_rng_and_changes_outputs():
+    model, variables = load_hf(os.path.join(GOLDEN, "longformer"), dropout=0.5)
+    ids, mask = ARRAYS["longformer/input_ids"], ARRAYS["longformer/attention_mask"]
+    det = model.apply(variables, ids, attention_mask=mask)["last_hidden_state"]
+    drop = model.apply(variables, ids, attention_mask=mask, deterministic=False,
+                       rngs={"dropout": jax.random.key(0)})["last_hidden_state"]
+    assert np.all(np.isfinite(drop)) and not np.allclose(det, drop)

@@ -46,15 +46,15 @@ def _config(name, init_from, data_data_dir, **over):
     return apply_overrides(c, {"init_from": init_from, "data.data_dir": data_data_dir, **over})
 
 
-def _finetune(tmp_path, config_name, ckpt_name):
+def _finetune(tmp_path, config_name, ckpt_name, workdir="work", **over):
     ckpt = _convert(tmp_path, ckpt_name)
-    config = _config(config_name, ckpt, str(tmp_path / "tfds"))
+    config = _config(config_name, ckpt, str(tmp_path / "tfds"), **over)
     losses = []
-    result = train_and_evaluate(config, str(tmp_path / "work"),
+    result = train_and_evaluate(config, str(tmp_path / workdir),
                                 step_callback=lambda step, m: losses.append(float(m["loss"])))
     assert result["step"] == config.num_train_steps == len(losses)
     assert np.all(np.isfinite(losses)), losses
-    return ckpt, config, result
+    return ckpt, config, losses
 
 
 def test_finetune_longformer_qa(tmp_path):
@@ -91,3 +91,12 @@ def test_init_from_checks(tmp_path):
         init_from_lib.build_finetune_model(ckpt, spec.model_config)
     with pytest.raises(ValueError, match="not a converted checkpoint"):
         init_from_lib.build_finetune_model(str(tmp_path), spec.model_config)
+
+
+@pytest.mark.slow
+def test_finetune_sharded_matches_one_device(tmp_path):
+    """Data, FSDP and tensor parallel (2 x 2 x 2 simulated devices): the one-device losses."""
+    _, _, one = _finetune(tmp_path, "finetune_longformer_qa", "longformer_qa", "one")
+    _, _, sharded = _finetune(tmp_path, "finetune_longformer_qa", "longformer_qa", "sharded",
+                              **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2})
+    np.testing.assert_allclose(sharded, one, rtol=1e-4)

@@ -69,7 +69,7 @@ def config_from_hf(hf: Dict[str, Any], **overrides) -> PretrainedConfig:
     """Our :class:`PretrainedConfig` from a Hugging Face ``config.json`` dict.
 
     ``overrides`` replace fields that do not change the checkpoint's function
-    or shapes' meaning: ``max_globals``, ``dropout``, ``dtype``,
+    or shapes' meaning: ``max_globals``, ``dropout``, ``remat``, ``dtype``,
     ``param_dtype``, the BigBird random policy (``train_random``,
     ``eval_random``, ``eval_seed``), and ``head`` / ``num_labels`` (a new head
     is then initialised rather than loaded; see :func:`load_hf`).
@@ -104,8 +104,8 @@ def config_from_hf(hf: Dict[str, Any], **overrides) -> PretrainedConfig:
             block_size=hf.get("block_size", 64), num_random_blocks=hf.get("num_random_blocks", 3),
             use_bias=hf.get("use_bias", True), rescale_embeddings=hf.get("rescale_embeddings", False),
             classifier_act=common["hidden_act"], **common)
-    allowed = {"max_globals", "dropout", "dtype", "param_dtype", "train_random", "eval_random",
-               "eval_seed", "head", "num_labels"}
+    allowed = {"max_globals", "dropout", "remat", "dtype", "param_dtype", "train_random",
+               "eval_random", "eval_seed", "head", "num_labels"}
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise ValueError(f"cannot override {bad}: they are fixed by the checkpoint; allowed: "

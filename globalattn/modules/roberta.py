@@ -91,6 +91,7 @@ class PretrainedConfig:
         count, computed from a concrete mask).
       dropout: hidden dropout rate (embeddings, residual branches, heads). The
         attention core has no attention-probability dropout.
+      remat: rematerialise each layer in the backward pass (long inputs on accelerators).
       dtype, param_dtype: ``'float32'`` / ``'bfloat16'`` / ``'float16'``.
     """
 
@@ -122,6 +123,7 @@ class PretrainedConfig:
     classifier_act: str = "tanh"
     max_globals: Optional[int] = None
     dropout: float = 0.0
+    remat: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -340,9 +342,11 @@ class Encoder(nn.Module):
         cfg = self.cfg
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
                                                deterministic)
+        # Argument 5 (self = 0) of Layer.__call__ is `deterministic`, a Python bool.
+        layer_cls = nn.remat(Layer, static_argnums=(5,)) if cfg.remat else Layer
         for i in range(cfg.num_layers):
             rb = None if random_blocks is None else random_blocks[i]
-            x = Layer(cfg, self.attention, i, name=f"layer_{i}")(
+            x = layer_cls(cfg, self.attention, i, name=f"layer_{i}")(
                 x, padding_mask, global_mask, rb, deterministic)
         return x
 

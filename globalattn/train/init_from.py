@@ -19,8 +19,8 @@ segment ``strategy.question_segment``, Longformer QA; capacity
 ``strategy.num_globals``), ``'bigbird'`` (BigBird's own first / last blocks;
 ``strategy.train_random`` / ``eval_random`` / ``eval_seed`` are its
 random-block policy). Model fields that the checkpoint fixes (``d_model``,
-``num_layers``, ``window``, ...) are not used; ``model.dropout``, ``dtype`` and
-``param_dtype`` are.
+``num_layers``, ``window``, ...) are not used; ``model.dropout``, ``remat``,
+``dtype`` and ``param_dtype`` are.
 """
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ def build_finetune_model(init_from: str, model_cfg: ml_collections.ConfigDict) -
     if errors:
         raise ValueError(f"init_from={init_from}: " + "; ".join(errors))
     head = _HEADS[model_cfg.head]
-    over = dict(head=head, dropout=float(model_cfg.dropout), dtype=model_cfg.dtype,
-                param_dtype=model_cfg.param_dtype)
+    over = dict(head=head, dropout=float(model_cfg.dropout), remat=bool(model_cfg.remat),
+                dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
     if head == "classify":
         over["num_labels"] = int(model_cfg.num_classes)
     if s.name == "cls":
