@@ -15,7 +15,8 @@ warmup, batch 32::
 checkpoint's vocabulary; without overrides it is the synthetic long-range
 retrieval task (a runnable stand-in, not IMDB).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test fixture converted with
+Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test
+fixture converted with
 ``python -m globalattn.convert hf --model-dir tests/fixtures/hf_golden/bigbird_cls
 --out /tmp/bb_cls_tiny`` -- block size 4, one random block -- and the tiny
 retrieval data, T=32, long enough for the block-sparse path; 3 steps on a CPU).
@@ -58,4 +59,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def sweep(arg: str | None = None) -> list[dict]:
     """Evaluation with the training-time policy (a fresh draw each call) vs a fixed draw."""
     del arg
-    return [{"name": "eval_fixed"}, {"name": "eval_resample", "model.strategy.eval_random": "resample"}]
+    return [{"name": "eval_fixed"},
+            {"name": "eval_resample", "model.strategy.eval_random": "resample"}]

@@ -13,7 +13,8 @@ classification head on it, AdamW at 3e-5 with warmup, batch 32::
 checkpoint's vocabulary; without overrides it is the synthetic long-range
 retrieval task (a runnable stand-in, not IMDB).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test fixture converted with
+Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test
+fixture converted with
 ``python -m globalattn.convert hf --model-dir tests/fixtures/hf_golden/longformer_cls
 --out /tmp/lf_cls_tiny``, the tiny retrieval data, 3 steps on a CPU).
 """

@@ -16,7 +16,8 @@ command; see the README section "Fine-tune a pretrained Longformer")::
 ``end`` answer positions; without overrides it is the synthetic span QA task
 (a runnable stand-in, not TriviaQA).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test fixture converted with
+Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test
+fixture converted with
 ``python -m globalattn.convert hf --model-dir tests/fixtures/hf_golden/longformer_qa
 --out /tmp/lf_tiny``, the tiny span QA data, 3 steps on a CPU).
 """

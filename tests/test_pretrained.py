@@ -185,7 +185,8 @@ def test_misshaped_tensor(tmp_path):
     def shrink(t):
         t["classifier.out_proj.weight"] = t["classifier.out_proj.weight"][:2]
     _edit_tensors(d, shrink)
-    with pytest.raises(ValueError, match=r"misshaped tensors: \['classifier.out_proj.weight \[2, 16\]"):
+    with pytest.raises(ValueError,
+                       match=r"misshaped tensors: \['classifier.out_proj.weight \[2, 16\]"):
         load_hf(str(d))
 
 

@@ -102,7 +102,8 @@ def config_from_hf(hf: Dict[str, Any], **overrides) -> PretrainedConfig:
         cfg = PretrainedConfig(
             positions="absolute", attention_type=hf.get("attention_type", "block_sparse"),
             block_size=hf.get("block_size", 64), num_random_blocks=hf.get("num_random_blocks", 3),
-            use_bias=hf.get("use_bias", True), rescale_embeddings=hf.get("rescale_embeddings", False),
+            use_bias=hf.get("use_bias", True),
+            rescale_embeddings=hf.get("rescale_embeddings", False),
             classifier_act=common["hidden_act"], **common)
     allowed = {"max_globals", "dropout", "remat", "dtype", "param_dtype", "train_random",
                "eval_random", "eval_seed", "head", "num_labels"}

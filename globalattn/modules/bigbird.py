@@ -156,7 +156,8 @@ class BigBird(nn.Module):
         out = task_outputs(cfg, h, deterministic)
         out["last_hidden_state"] = out["last_hidden_state"][:, :T]
         if "start_logits" in out:
-            out["start_logits"], out["end_logits"] = out["start_logits"][:, :T], out["end_logits"][:, :T]
+            for k in ("start_logits", "end_logits"):
+                out[k] = out[k][:, :T]
         return out
 
     def _draw(self, seq_len: int, deterministic: bool) -> Array:

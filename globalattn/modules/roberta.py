@@ -206,7 +206,8 @@ def heads_in(cfg: PretrainedConfig, name: str, use_bias: bool = True) -> nn.Dens
     """``[B, T, D] -> [B, T, N, H]`` (q/k/v projection)."""
     return nn.DenseGeneral((cfg.num_heads, cfg.head_dim), axis=-1, use_bias=use_bias,
                            dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                           kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "heads", "kv")),
+                           kernel_init=nn.with_logical_partitioning(
+                               _INIT, ("embed", "heads", "kv")),
                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                                   ("heads", "kv")),
                            name=name)
@@ -216,8 +217,10 @@ def heads_out(cfg: PretrainedConfig, name: str) -> nn.DenseGeneral:
     """``[B, T, N, H] -> [B, T, D]`` (attention output projection)."""
     return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.jnp_dtype,
                            param_dtype=cfg.jnp_param_dtype,
-                           kernel_init=nn.with_logical_partitioning(_INIT, ("heads", "kv", "embed")),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                           kernel_init=nn.with_logical_partitioning(
+                               _INIT, ("heads", "kv", "embed")),
+                           bias_init=nn.with_logical_partitioning(
+                               nn.initializers.zeros, ("embed",)),
                            name=name)
 
 

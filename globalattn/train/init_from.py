@@ -167,8 +167,10 @@ def load_init_params(init_from: str, params: Any, *, log=print) -> Any:
     if errors:
         raise ValueError(f"init_from={init_from} does not fit the model: " + "; ".join(errors))
     loaded_groups = sorted({p[0] for p in out} - kept_fresh)
+    unused_heads = sorted({p[0] for p in ckpt if p[0] in head_groups} - {p[0] for p in fresh})
     log(f"init_from {init_from}: loaded {loaded_groups}"
-        + (f"; fresh init for {sorted(kept_fresh)}" if kept_fresh else ""))
+        + (f"; fresh init for {sorted(kept_fresh)}" if kept_fresh else "")
+        + (f"; not used (another task's head): {unused_heads}" if unused_heads else ""))
     return {**params, "pretrained": flax.traverse_util.unflatten_dict(out)}
 
 
