@@ -131,7 +131,7 @@ def load_init_params(init_from: str, params: Any, *, log=print) -> Any:
     Raises ValueError naming encoder tensors that are missing or misshaped,
     and checkpoint tensors the model has no place for.
     """
-    cfg, loaded = load_converted(init_from)
+    _, loaded = load_converted(init_from)
     fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(params)["pretrained"])
     ckpt = flax.traverse_util.flatten_dict(loaded)
     head_groups = set(_HEAD_GROUP.values())
