@@ -13,14 +13,20 @@ classification head on it, AdamW at 3e-5 with warmup, batch 32::
 checkpoint's vocabulary; without overrides it is the synthetic long-range
 retrieval task (a runnable stand-in, not IMDB).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test
-fixture converted with
-``python -m globalattn.convert hf --model-dir tests/fixtures/hf_golden/longformer_cls
---out /tmp/lf_cls_tiny``, the tiny retrieval data, 3 steps on a CPU).
+Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: ``init_from``
+is the tiny random checkpoint ``tests/fixtures/hf_golden/longformer_cls``, loaded in
+memory, with the tiny retrieval data; 3 steps)::
+
+    python -m experiments.train --config=configs/finetune_longformer_classify.py:test \\
+        --workdir=/tmp/finetune_longformer_classify_test
 """
+import os
+
 import ml_collections
 
 from globalattn.train.config import base_config, check_arg, shrink_for_tests
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 20
     elif arg == "test":  # CPU-sized: a tiny converted model, tiny data, 3 steps
         shrink_for_tests(c)
+        # The tiny random Hugging Face checkpoint the parity tests use (loaded in memory).
+        c.init_from = os.path.join(_REPO, "tests", "fixtures", "hf_golden", "longformer_cls")
         c.model.dropout = 0.0
         c.optim.learning_rate = 1e-3
     c.lock()

@@ -16,14 +16,20 @@ command; see the README section "Fine-tune a pretrained Longformer")::
 ``end`` answer positions; without overrides it is the synthetic span QA task
 (a runnable stand-in, not TriviaQA).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: the test
-fixture converted with
-``python -m globalattn.convert hf --model-dir tests/fixtures/hf_golden/longformer_qa
---out /tmp/lf_tiny``, the tiny span QA data, 3 steps on a CPU).
+Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: ``init_from``
+is the tiny random checkpoint ``tests/fixtures/hf_golden/longformer_qa``, loaded in
+memory, with the tiny span QA data; 3 steps)::
+
+    python -m experiments.train --config=configs/finetune_longformer_qa.py:test \\
+        --workdir=/tmp/finetune_longformer_qa_test
 """
+import os
+
 import ml_collections
 
 from globalattn.train.config import base_config, check_arg, shrink_for_tests
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 20
     elif arg == "test":  # CPU-sized: a tiny converted model, tiny data, 3 steps
         shrink_for_tests(c)
+        # The tiny random Hugging Face checkpoint the parity tests use (loaded in memory).
+        c.init_from = os.path.join(_REPO, "tests", "fixtures", "hf_golden", "longformer_qa")
         c.model.strategy.num_globals = 3  # tiny span QA: CLS, 1-token key, SEP
         c.model.dropout = 0.0
         c.optim.learning_rate = 1e-3

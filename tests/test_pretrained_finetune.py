@@ -2,7 +2,9 @@
 
 The tiny golden checkpoints (``tests/fixtures/hf_golden``) are converted with
 ``python -m globalattn.convert hf`` and trained a few steps by each
-``configs/finetune_*.py:test`` with ``init_from``.
+``configs/finetune_*.py:test`` with ``init_from`` (slow; the default suite
+trains each of those configs one step from the unconverted fixture in
+tests/test_train.py).
 """
 import os
 
@@ -57,19 +59,33 @@ def _finetune(tmp_path, config_name, ckpt_name, workdir="work", **over):
     return ckpt, config, losses
 
 
-def test_finetune_longformer_qa(tmp_path):
-    ckpt, config, _ = _finetune(tmp_path, "finetune_longformer_qa", "longformer_qa")
-    # The loaded parameters are the checkpoint's (the QA head included).
+@pytest.mark.parametrize("converted", [True, False])
+def test_init_params_are_the_checkpoints(tmp_path, converted):
+    """From a converted or a Hugging Face directory: every tensor, the QA head included."""
+    ckpt = _convert(tmp_path, "longformer_qa") if converted else os.path.join(GOLDEN,
+                                                                               "longformer_qa")
+    config = _config("finetune_longformer_qa", ckpt, str(tmp_path / "tfds"))
     spec = validate_config(config, device_count=1, process_count=1)
     model = init_from_lib.build_finetune_model(ckpt, spec.model_config)
-    fresh = model.init(jax.random.key(1), jnp.zeros((1, spec.seq_len), jnp.int32),
-                       jnp.ones((1, spec.seq_len), bool), jnp.ones((1, spec.seq_len), jnp.int32))
-    params = init_from_lib.load_init_params(ckpt, flax.core.unfreeze(
-        flax.linen.unbox(fresh["params"])), log=lambda s: None)
-    _, want = load_converted(ckpt)
+    T = spec.seq_len
+    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, T), jnp.int32),
+                            jnp.ones((1, T), bool), jnp.ones((1, T), jnp.int32))
+    fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         flax.linen.unbox(shapes["params"]))
+    logs = []
+    params = init_from_lib.load_init_params(ckpt, flax.core.unfreeze(fresh), log=logs.append)
+    assert logs == [f"init_from {ckpt}: loaded ['encoder', 'qa']"]
+    _, want = load_hf(os.path.join(GOLDEN, "longformer_qa"))
     got = flax.traverse_util.flatten_dict(params["pretrained"])
-    for k, v in flax.traverse_util.flatten_dict(want).items():
-        np.testing.assert_array_equal(np.asarray(got[k]), v)
+    want = flax.traverse_util.flatten_dict(want["params"])
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v))
+
+
+@pytest.mark.slow
+def test_finetune_longformer_qa(tmp_path):
+    _finetune(tmp_path, "finetune_longformer_qa", "longformer_qa")
 
 
 @pytest.mark.slow

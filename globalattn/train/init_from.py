@@ -1,7 +1,9 @@
 """Fine-tuning from a converted pretrained checkpoint: ``config.init_from=DIR``.
 
 ``DIR`` is what ``python -m globalattn.convert hf --model-dir HF_DIR --out DIR``
-wrote. With ``init_from`` set, the run's model is the pretrained encoder
+wrote, or a Hugging Face checkpoint directory itself (converted in memory by
+:func:`globalattn.models.load_hf` on every start; convert once for big models).
+With ``init_from`` set, the run's model is the pretrained encoder
 (Longformer or BigBird, from ``DIR/pretrained.json``) with the task's head, and
 its parameters start from ``DIR/params`` instead of the random init:
 
@@ -24,7 +26,8 @@ random-block policy). Model fields that the checkpoint fixes (``d_model``,
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -34,6 +37,7 @@ import numpy as np
 
 from globalattn import patterns
 from globalattn.models.converted import load_converted, read_converted_config
+from globalattn.models.hf import config_from_hf, load_hf, read_config
 from globalattn.modules.bigbird import BigBird
 from globalattn.modules.longformer import Longformer
 from globalattn.modules.roberta import PretrainedConfig, roberta_positions
@@ -43,6 +47,24 @@ __all__ = ["FinetuneModel", "build_finetune_model", "load_init_params"]
 _HEADS = {"classify": "classify", "span": "qa"}
 _HEAD_GROUP = {"classify": "classifier", "qa": "qa"}
 _GLOBALS = {"longformer": ("cls", "task"), "bigbird": ("bigbird",)}
+
+
+def _is_hf(path: str) -> bool:
+    return (not os.path.exists(os.path.join(path, "pretrained.json"))
+            and os.path.exists(os.path.join(path, "config.json")))
+
+
+def read_init_config(path: str) -> PretrainedConfig:
+    """The encoder config of a converted or Hugging Face directory."""
+    return config_from_hf(read_config(path)) if _is_hf(path) else read_converted_config(path)
+
+
+def load_init_source(path: str) -> Tuple[PretrainedConfig, Dict[str, Any]]:
+    """``(cfg, params)`` (host numpy) of a converted or Hugging Face directory."""
+    if not _is_hf(path):
+        return load_converted(path)
+    model, variables = load_hf(path)
+    return model.cfg, jax.tree.map(np.asarray, variables["params"])
 
 
 class FinetuneModel(nn.Module):
@@ -87,7 +109,7 @@ class FinetuneModel(nn.Module):
 
 def build_finetune_model(init_from: str, model_cfg: ml_collections.ConfigDict) -> FinetuneModel:
     """The run's model for a converted checkpoint and the (resolved) ``config.model``."""
-    cfg = read_converted_config(init_from)
+    cfg = read_init_config(init_from)
     errors = []
     if model_cfg.head not in _HEADS:
         errors.append(f"model.head={model_cfg.head!r}: init_from supports {sorted(_HEADS)}")
@@ -131,7 +153,7 @@ def load_init_params(init_from: str, params: Any, *, log=print) -> Any:
     Raises ValueError naming encoder tensors that are missing or misshaped,
     and checkpoint tensors the model has no place for.
     """
-    _, loaded = load_converted(init_from)
+    _, loaded = load_init_source(init_from)
     fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(params)["pretrained"])
     ckpt = flax.traverse_util.flatten_dict(loaded)
     head_groups = set(_HEAD_GROUP.values())
