@@ -266,3 +266,10 @@ def test_dropout_needs_its_rng_and_changes_outputs():
     drop = model.apply(variables, ids, attention_mask=mask, deterministic=False,
                        rngs={"dropout": jax.random.key(0)})["last_hidden_state"]
     assert np.all(np.isfinite(drop)) and not np.allclose(det, drop)
+
+
+def test_bigbird_refuses_a_global_mask():
+    model, variables = load_hf(os.path.join(GOLDEN, "bigbird"))
+    ids = ARRAYS["bigbird/input_ids"]
+    with pytest.raises(ValueError, match="no global_attention_mask"):
+        model.apply(variables, ids, global_attention_mask=np.ones(ids.shape, bool))

@@ -99,13 +99,19 @@ class BigBird(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                 global_attention_mask: Optional[Array] = None,
                  token_type_ids: Optional[Array] = None, position_ids: Optional[Array] = None,
                  random_blocks: Optional[Array] = None,
                  deterministic: bool = True) -> Dict[str, Array]:
         """``input_ids [B, T]``; ``attention_mask [B, T]`` (1 = real); ``token_type_ids``,
         ``position_ids`` ``[B, T]`` (default zeros and ``0 .. T-1``); ``random_blocks``
-        int ``[L, 1|B, N, ceil(T/b), r]`` or None (the config's policy)."""
+        int ``[L, 1|B, N, ceil(T/b), r]`` or None (the config's policy).
+        ``global_attention_mask`` exists for a signature shared with Longformer and
+        must be None: BigBird's global tokens are its first and last blocks."""
         cfg = self.cfg
+        if global_attention_mask is not None:
+            raise ValueError("BigBird takes no global_attention_mask: its global tokens are the "
+                             "first and last blocks")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
         B, T = input_ids.shape
