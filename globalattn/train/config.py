@@ -32,6 +32,7 @@ from ml_collections import config_dict
 from globalattn import data as data_lib
 from globalattn import sharding as sharding_lib
 from globalattn.modules import ModelConfig, build_model, default_model_config
+from globalattn.train import init_from as init_from_lib
 from globalattn.modules.strategies import check_block_size
 
 __all__ = [
@@ -74,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     model.max_len = config_dict.placeholder(int)
     c.model = model
     c.num_active_globals = config_dict.placeholder(int)  # None = all G slots active
+    # A converted pretrained checkpoint (python -m globalattn.convert) to fine-tune: the
+    # model is then its encoder with the task's head (see globalattn.train.init_from).
+    c.init_from = config_dict.placeholder(str)
 
     c.batch_size = 32  # global (all processes, all devices)
     c.eval_batch_size = config_dict.placeholder(int)  # None = batch_size
@@ -393,7 +397,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         errors += _model_vs_data(config, model_cfg, task_cfg, seq_len, capacity)
     if errors:
         raise ValueError(_format(errors))
-    model = build_model(model_cfg)
+    # A fine-tuning run wraps the pretrained encoder of config.init_from instead.
+    model = init_from_lib.maybe_build(config.get("init_from"), model_cfg, build_model)
     return RunSpec(meta=meta, seq_len=seq_len, model_config=model_cfg, model=model,
                    capacity=capacity, mesh_shape=mesh_shape, rules=rules,
                    eval_batch_size=eval_bs, split_sizes=split_sizes)

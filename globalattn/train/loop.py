@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from globalattn import sharding as sharding_lib
+from globalattn.train import init_from as init_from_lib
 from globalattn.train import inputs
 from globalattn.train.evaluation import evaluate
 from globalattn.train.checkpoint import Checkpointer, PreemptionGuard, state_signature
@@ -86,7 +87,8 @@ def _program(config: ml_collections.ConfigDict, spec: RunSpec) -> _Program:
         "model": spec.model_config.to_dict(), "optim": config.optim.to_dict(),
         "steps": config.num_train_steps, "kind": spec.meta.kind, "seq_len": spec.seq_len,
         "inject": list(config.nonfinite.inject_at_steps), "mesh": mesh_shape, "rules": rules,
-        "num_active_globals": config.num_active_globals}, sort_keys=True, default=str)
+        "num_active_globals": config.num_active_globals, "init_from": config.init_from},
+        sort_keys=True, default=str)
     if key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
         return _PROGRAMS[key]
@@ -190,6 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         start_step = 0
         with jax.set_mesh(mesh):
             state = program.init(init_key)
+        if config.init_from is not None:  # fine-tuning: the pretrained weights replace the init
+            state = state.replace(params=init_from_lib.load_init_params(config.init_from,
+                                                                        state.params))
     else:
         start_step, payload = restored
         state = payload["train_state"]
