@@ -102,9 +102,10 @@ def test_init_from_checks(tmp_path):
     ckpt = _convert(tmp_path, "longformer_cls")
     config = _config("finetune_longformer_classify", ckpt, str(tmp_path / "tfds"),
                      **{"model.strategy.name": "bigbird"})
-    spec = validate_config(config, device_count=1, process_count=1)
     with pytest.raises(ValueError, match="strategy.name='bigbird'.*longformer"):
-        init_from_lib.build_finetune_model(ckpt, spec.model_config)
+        validate_config(config, device_count=1, process_count=1)  # the model is built there
+    spec = validate_config(_config("finetune_longformer_classify", ckpt, str(tmp_path / "tfds")),
+                           device_count=1, process_count=1)
     with pytest.raises(ValueError, match="not a converted checkpoint"):
         init_from_lib.build_finetune_model(str(tmp_path), spec.model_config)
 
