@@ -90,7 +90,7 @@ class BlockConfig:
     block_r: int = 64
     split: int = 32
     num_warps: Optional[int] = None
-    num_stages: int = 2
+    num_stages: Optional[int] = None  # None: Triton's default (3 on CUDA)
 
     def __post_init__(self):
         for f in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_g", "block_r"):

@@ -285,7 +285,10 @@ def _gcol_kernel(q_ref, do_ref, lse_ref, delta_ref, kg_ref, vg_ref, gpos_ref, dk
 
     c = (jnp.zeros((p.bg, p.Hp), jnp.float32),) * 2
     lo = span * p.split
-    dk, dv = lax.fori_loop(lo, jnp.minimum(lo + p.split, nqb), body, c)
+    if p.causal:  # rows before the tile's first global key see none of it
+        first = jnp.min(jnp.where(gpos >= 0, gpos, p.Tp))
+        lo = jnp.maximum(lo, lax.div(jnp.minimum(first, p.Tp), p.bqb))
+    dk, dv = lax.fori_loop(lo, jnp.minimum(span * p.split + p.split, nqb), body, c)
     dk_ref[...] = dk * (p.scale2 / tl.LOG2E)
     dv_ref[...] = dv
 

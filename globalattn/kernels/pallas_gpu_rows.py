@@ -66,9 +66,16 @@ def _span_specs(p: Plan):
     return seq, rows, gpos, bias
 
 
-def _span_loop(p: Plan, body, carry):
+def _span_loop(p: Plan, gpos, body, carry):
+    """Runs ``body`` over this program's span of key blocks.
+
+    Causal rows stop at the last key block any row of the tile may see.
+    """
     lo = pl.program_id(1) * p.split
-    return lax.fori_loop(lo, jnp.minimum(lo + p.split, p.Tp // p.bk), body, carry)
+    hi = jnp.minimum(lo + p.split, p.Tp // p.bk)
+    if p.causal:
+        hi = jnp.minimum(hi, tl.cdiv(jnp.max(gpos) + 1, p.bk))
+    return lax.fori_loop(lo, hi, body, carry)
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +93,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, gpos_ref, acc_ref, m_ref, l_ref, *,
 
     init = (jnp.full((p.bg,), NEG_INF, jnp.float32), jnp.zeros((p.bg,), jnp.float32),
             jnp.zeros((p.bg, p.Hp), jnp.float32))
-    m, l, acc = _span_loop(p, body, init)
+    m, l, acc = _span_loop(p, gpos, body, init)
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
@@ -148,7 +155,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, gpos_ref, do_ref, lse_ref, delta_ref
         _, ds = tl.tile_grads(s, lse, delta, do, v)
         return dq + tl.dot(ds.astype(k.dtype), k)
 
-    dq = _span_loop(p, body, jnp.zeros((p.bg, p.Hp), jnp.float32))
+    dq = _span_loop(p, gpos, body, jnp.zeros((p.bg, p.Hp), jnp.float32))
     dq_ref[...] = dq * (p.scale2 / tl.LOG2E)
 
 

@@ -60,7 +60,7 @@ class Plan:
     rt: int  # keys per random tile
     interpret: bool
     num_warps: Optional[int]
-    num_stages: int
+    num_stages: Optional[int]
 
     @property
     def nbr(self) -> int:
