@@ -166,8 +166,8 @@ def _measure(f: Callable, args, *, min_reps: int, min_s: float) -> Dict[str, obj
     return r
 
 
-def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool,
-              cache: Dict, min_reps: int, min_s: float) -> Dict[str, object]:
+def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool, cache: Dict,
+              config: pg.BlockConfig, min_reps: int, min_s: float) -> Dict[str, object]:
     B = 1 if dry else max(1, TOKENS // T)
     N = MODEL_DIM // H if not dry else 2
     win = (w, 0) if causal else (w, w)
@@ -186,16 +186,17 @@ def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool,
               "cudnn_dense": T * (T + 1) // 2 if causal else T * T}
     sdpa_impl = None if dry else "cudnn"  # dry run: XLA's sdpa stands in for cuDNN
 
-    def attention(impl):
-        def f(q, k, v, glob):
-            return ga.global_local_attention(q, k, v, local_window_size=win, global_mask=glob,
-                                             max_globals=G, is_causal=causal,
-                                             implementation=impl)
-        return f
+    def pallas(q, k, v, glob):
+        return pg.attention(q, k, v, local_window_size=win, global_mask=glob, max_globals=G,
+                            is_causal=causal, config=config)
+
+    def xla(q, k, v, glob):
+        return ga.global_local_attention(q, k, v, local_window_size=win, global_mask=glob,
+                                         max_globals=G, is_causal=causal, implementation="xla")
 
     impls = {
-        "pallas": (attention("pallas_gpu"), (q, k, v, glob), None),
-        "xla": (attention("xla"), (q, k, v, glob), None),
+        "pallas": (pallas, (q, k, v, glob), None),
+        "xla": (xla, (q, k, v, glob), None),
         "cudnn_local": (lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, local_window_size=(w, 0), implementation=sdpa_impl),
             (q, k, v), ("local", T, w, H, B)),
@@ -254,7 +255,7 @@ def render(rec: Dict) -> str:
     def both(r, m):
         if f"{m}_s" not in r:
             return _cell(r, f"{m}_s", "")
-        return f"{r[f'{m}_s'] * 1e3:.2f} ({r[f'{m}_tflops']:.1f})"
+        return f"{r[f'{m}_s'] * 1e3:.3g} ({r[f'{m}_tflops']:.3g})"
 
     for row in rec["rows"]:
         if "not_run" in row:
@@ -281,7 +282,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=420.0,
                     help="seconds after which no new timing row starts")
     ap.add_argument("--out", default=None, help="output path stem (default results/bench_gpu)")
+    ap.add_argument("--config", default="",
+                    help="BlockConfig overrides for the pallas rows, e.g. block_q=64,num_warps=4")
     a = ap.parse_args(argv)
+    config = pg.BlockConfig(**{k: int(v) for k, v in
+                               (kv.split("=") for kv in a.config.split(",") if kv)})
     t_start = time.perf_counter()
     backend = jax.default_backend()
     if not a.dry_run and backend != "gpu":
@@ -293,7 +298,7 @@ def main(argv=None) -> int:
         command="python -m experiments.bench_gpu" + (" --dry-run" if a.dry_run else ""),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         jax=jax.__version__, backend=backend, device=str(jax.devices()[0].device_kind),
-        dry_run=a.dry_run, budget_s=a.budget, block_config=str(pg.BlockConfig()),
+        dry_run=a.dry_run, budget_s=a.budget, block_config=str(config),
         oracle=[], rows=[])
     rec["oracle"] = oracle_check(a.dry_run)
     if all(o["ok"] for o in rec["oracle"]):
@@ -305,7 +310,7 @@ def main(argv=None) -> int:
                                         causal=causal, not_run=f"time budget ({elapsed:.0f} s)"))
                 continue
             print(f"  row T={T} w={w} G={G} H={H} causal={causal}", file=sys.stderr, flush=True)
-            rec["rows"].append(bench_row(T, w, G, H, causal, dry=a.dry_run, cache=cache,
+            rec["rows"].append(bench_row(T, w, G, H, causal, dry=a.dry_run, cache=cache, config=config,
                                          min_reps=2 if a.dry_run else 5,
                                          min_s=0.0 if a.dry_run else 0.5))
             jax.clear_caches()

@@ -199,6 +199,12 @@ def test_block_config_errors_name_the_values(kw, match):
         pg.BlockConfig(**kw)
 
 
+def test_attention_rejects_unknown_arguments():
+    q = jnp.ones((1, 8, 1, 4))
+    with pytest.raises(ValueError, match=r"unknown arguments \['block_q'\]"):
+        pg.attention(q, q, q, local_window_size=1, block_q=16)
+
+
 def test_lowers_for_cuda_forward_and_backward(monkeypatch):
     """Exports fwd+bwd for CUDA from this CPU: every kernel lowers to Triton IR that verifies.
 
@@ -218,9 +224,8 @@ def test_lowers_for_cuda_forward_and_backward(monkeypatch):
                config=pg.BlockConfig())
 
     def loss(q, k, v, gqkv, sinks, glob, pad, rb):
-        a = gl_mod._resolve(q, k, v, **_kwargs(s, glob, pad, rb, sinks), max_globals=8,
-                            global_qkv=gqkv)
-        out = gl_mod._finish(a, pg.pallas_gpu_attention(a, interpret=False))
+        out = pg.attention(q, k, v, **_kwargs(s, glob, pad, rb, sinks), max_globals=8,
+                           global_qkv=gqkv, interpret=False)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
     x = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)

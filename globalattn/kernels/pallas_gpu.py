@@ -66,7 +66,7 @@ from globalattn.ops import validate as V
 from globalattn.ops.dense import gather_global_positions
 from globalattn.ops.global_local import GlobalLocalArgs
 
-__all__ = ["BlockConfig", "pallas_gpu_attention"]
+__all__ = ["BlockConfig", "attention", "pallas_gpu_attention"]
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -303,3 +303,25 @@ def pallas_gpu_attention(args: GlobalLocalArgs, *, config: Optional[BlockConfig]
         slot = jnp.where(gpos >= 0, gpos, T)  # T = out of range: dropped
         out = out.at[jnp.arange(B)[:, None], slot].set(rows[..., :H], mode="drop")
     return out
+
+
+_ATTENTION_KWARGS = dict(local_window_size=None, global_mask=None, padding_mask=None,
+                         is_causal=False, max_globals=None, random_blocks=None, block_size=None,
+                         global_qkv=None, sinks=None)
+
+
+def attention(q: Array, k: Array, v: Array, *, config: Optional[BlockConfig] = None,
+              interpret: Optional[bool] = None, **kwargs) -> Array:
+    """``global_local_attention(q, k, v, **kwargs, implementation='pallas_gpu')``
+    with explicit tiles and interpret flag (for tuning, benchmarks and lowering tests).
+
+    ``kwargs`` are those of :func:`globalattn.global_local_attention` except
+    ``block_q`` and ``implementation``.
+    """
+    from globalattn.ops import global_local as gl  # the dispatcher imports this module lazily
+
+    unknown = sorted(set(kwargs) - set(_ATTENTION_KWARGS))
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}; known: {sorted(_ATTENTION_KWARGS)}")
+    args = gl._resolve(q, k, v, **{**_ATTENTION_KWARGS, **kwargs})
+    return gl._finish(args, pallas_gpu_attention(args, config=config, interpret=interpret))
