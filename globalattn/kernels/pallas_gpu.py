@@ -38,11 +38,12 @@ because:
    unsupported op or shape fails in a CPU test rather than on a cluster;
    PTX compilation happens in XLA on the GPU (shared-memory limits and
    register pressure show only there, in the prepared device check).
-3. Triton's dot lowers to wgmma on Hopper; the costs of this choice are
-   TMA/warp specialisation (Mosaic GPU's edge for dense attention) and the
-   Triton backend's announced deprecation from jax 0.11: porting means
-   rewriting the kernel bodies in :mod:`pallas_gpu_local` /
-   :mod:`pallas_gpu_rows`; the tiling and the tests carry over.
+3. Triton's dot lowers to wgmma on Hopper. The costs of this choice: no
+   TMA or warp specialisation (Mosaic GPU's edge for dense attention), and
+   the Pallas changelog deprecates the Triton backend as of jax 0.11.0 (to
+   be removed later; jax 0.10.2 itself warns nothing). Moving to Mosaic GPU
+   means rewriting the kernel bodies in :mod:`pallas_gpu_local` and
+   :mod:`pallas_gpu_rows`; the tiling, the glue here and the tests carry over.
 
 On a backend other than a GPU the same call runs in Pallas interpret mode.
 

@@ -45,19 +45,16 @@ def _iota(n: int):
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
 
 
-def _extras_specs(p: Plan, index):
-    """BlockSpecs of the optional global-column and random-key inputs.
-
-    ``index(i, j, l) -> (b, n)`` maps the 3-d grid to example and head.
-    """
+def _extras_specs(p: Plan):
+    """BlockSpecs of the optional global-key and random-key inputs on grid (i, b, n)."""
     specs = []
     if p.G:
-        specs += [pl.BlockSpec((None, p.Gp, None, p.Hp), lambda *g: (index(*g)[0], 0, index(*g)[1], 0))] * 2
-        specs += [pl.BlockSpec((None, p.Gp), lambda *g: (index(*g)[0], 0))]
+        specs += [pl.BlockSpec((None, p.Gp, None, p.Hp), lambda i, b, n: (b, 0, n, 0))] * 2
+        specs += [pl.BlockSpec((None, p.Gp), lambda i, b, n: (b, 0))]
     if p.rbs:
         s = p.n_random_tiles * p.rt
-        specs += [pl.BlockSpec((None, s, None, p.Hp), lambda *g: (index(*g)[0], 0, index(*g)[1], 0))] * 2
-        specs += [pl.BlockSpec((None, None, s), lambda *g: (index(*g)[0], index(*g)[1], 0))]
+        specs += [pl.BlockSpec((None, s, None, p.Hp), lambda i, b, n: (b, 0, n, 0))] * 2
+        specs += [pl.BlockSpec((None, None, s), lambda i, b, n: (b, n, 0))]
     return specs
 
 
@@ -155,7 +152,7 @@ def local_forward(p: Plan, q, k, v, kbias, extras, sink2):
     seq = pl.BlockSpec((None, p.Tp, None, p.Hp), lambda i, b, n: (b, 0, n, 0))
     blk = pl.BlockSpec((None, p.bq, None, p.Hp), lambda i, b, n: (b, i, n, 0))
     in_specs = [blk, seq, seq, pl.BlockSpec((None, p.Tp), lambda i, b, n: (b, 0))]
-    in_specs += _extras_specs(p, lambda i, b, n: (b, n))
+    in_specs += _extras_specs(p)
     args = [q, k, v, kbias, *extras]
     if p.has_sink:
         in_specs.append(pl.BlockSpec((None, p.bq), lambda i, b, n: (n, 0)))
@@ -197,7 +194,7 @@ def local_dq(p: Plan, q, k, v, kbias, do, lse, delta, extras):
     blk = pl.BlockSpec((None, p.bqb, None, p.Hp), lambda i, b, n: (b, i, n, 0))
     row = pl.BlockSpec((None, None, p.bqb), lambda i, b, n: (b, n, i))
     in_specs = [blk, seq, seq, pl.BlockSpec((None, p.Tp), lambda i, b, n: (b, 0)), blk, row, row]
-    in_specs += _extras_specs(p, lambda i, b, n: (b, n))
+    in_specs += _extras_specs(p)
     return pl.pallas_call(
         functools.partial(_dq_kernel, p=p),
         grid=(p.Tp // p.bqb, p.B, p.N),
