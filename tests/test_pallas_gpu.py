@@ -226,10 +226,13 @@ def _export(fn, *shapes):
     )(*shapes)
 
 
-def test_lowers_for_cuda_forward_and_backward(monkeypatch):
+@pytest.mark.parametrize("vmapped", [False, True], ids=["plain", "vmapped"])
+def test_lowers_for_cuda_forward_and_backward(monkeypatch, vmapped):
     """Exports fwd+bwd for CUDA from this CPU: every kernel lowers to Triton IR that verifies.
 
-    (PTX compilation happens in XLA on a GPU; that is the device check's job.)
+    Also under jax.vmap (K training runs in one program, as the ablation tool
+    does), which adds a grid axis to every kernel. PTX compilation happens in
+    XLA on a GPU; that is the device check's job.
     """
     from jax._src.pallas.triton import lowering as triton_lowering
     lower, verified = triton_lowering.lower_jaxpr_to_triton_module, []
@@ -249,13 +252,14 @@ def test_lowers_for_cuda_forward_and_backward(monkeypatch):
                            global_qkv=gqkv, interpret=False)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    x = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    K = (3,) if vmapped else ()  # vmapped: 3 variants of every input
+    S = lambda shape, dt: jax.ShapeDtypeStruct(K + shape, dt)  # noqa: E731
+    x = S((B, T, N, H), jnp.bfloat16)
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
     with _cuda_target():
-        exp = _export(
-            jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)),
-            x, x, x, (x, x, x), jax.ShapeDtypeStruct((N,), jnp.float32),
-            jax.ShapeDtypeStruct((B, T), bool), jax.ShapeDtypeStruct((B, T), bool),
-            jax.ShapeDtypeStruct((B, N, -(-T // 32), 2), jnp.int32))
+        exp = _export(jax.vmap(fn) if vmapped else fn,
+                      x, x, x, (x, x, x), S((N,), jnp.float32), S((B, T), bool), S((B, T), bool),
+                      S((B, N, -(-T // 32), 2), jnp.int32))
     text = exp.mlir_module()
     calls = re.findall(r'stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "(\w+)"', text)
     assert sorted(calls) == sorted([
@@ -328,3 +332,16 @@ def test_long_sequence_default_tiles_matches_oracle():
     s = Static(B=1, T=333, N=2, H=16, window=(40, 25), causal=False, globals_=True,
                random=(1, 2, 32, 2), sinks=True, gqkv=False, config=pg.BlockConfig(split=1))
     _check(s, _data(s, np.random.default_rng(3)), "T=333, default tiles")
+
+
+@pytest.mark.slow
+def test_vmap_over_variants_matches_oracle():
+    """jax.vmap over K variants (as the ablation tool trains them), forward and vjp."""
+    s = dataclasses.replace(CAUSAL, B=1, T=40)
+    rs = np.random.default_rng(5)
+    cases = [_data(s, rs) for _ in range(3)]
+    batched = jax.tree.map(lambda *x: jnp.stack(x), *cases)
+    out_p, g_p = jax.vmap(_program(s, "pallas"))(*batched)
+    out_o, g_o = jax.vmap(_program(s, "oracle"))(*batched)
+    _assert_close_finite(out_p, out_o, F32_FWD, "vmapped forward")
+    _assert_close_finite(g_p, g_o, F32_BWD, "vmapped vjp")
