@@ -64,6 +64,10 @@ GRID = [
     (131072, 256, 256, 64, True),
 ]
 DRY_GRID = [(256, 32, 4, 64, True), (192, 16, 1, 32, False)]
+# After the grid, while the budget lasts: the first row's Pallas timings with
+# other tiles (BlockConfig overrides), for whoever tunes the defaults next.
+TILE_SWEEP = [dict(block_q=64), dict(block_k=128), dict(block_q_bwd=32, block_k_bwd=128),
+              dict(block_q_bwd=128, block_k_bwd=32), dict(num_stages=2)]
 TOKENS, MODEL_DIM = 32768, 2048
 
 
@@ -172,8 +176,8 @@ def _measure(f: Callable, args, *, min_reps: int, min_s: float) -> Dict[str, obj
     return r
 
 
-def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool, cache: Dict,
-              config: pg.BlockConfig, min_reps: int, min_s: float) -> Dict[str, object]:
+def _row_inputs(T: int, w: int, G: int, H: int, causal: bool, dry: bool):
+    """bf16 q, k, v ``[B, T, N, H]``, evenly spread globals ``[B, T]`` and the row's record."""
     B = 1 if dry else max(1, TOKENS // T)
     N = MODEL_DIM // H if not dry else 2
     win = (w, 0) if causal else (w, w)
@@ -182,19 +186,51 @@ def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool, cache:
     pos = np.unique(np.round(np.arange(G) * T / max(G, 1)).astype(np.int64))[:G]
     glob = np.zeros((B, T), bool)
     glob[:, pos] = True
-    glob = jnp.asarray(glob)
     pairs = analytics.allowed_pairs(T, local_window_size=win, global_positions=pos.tolist(),
                                     is_causal=causal)
     row: Dict[str, object] = dict(T=T, window=list(win), G=G, H=H, N=N, B=B, causal=causal,
                                   pairs_per_head=pairs)
+    return (q, k, v, jnp.asarray(glob)), row
+
+
+def _pallas_fn(win, G: int, causal: bool, config: pg.BlockConfig):
+    def pallas(q, k, v, glob):
+        return pg.attention(q, k, v, local_window_size=win, global_mask=glob, max_globals=G,
+                            is_causal=causal, config=config)
+    return pallas
+
+
+def _with_tflops(r: Dict, flops: float) -> Dict:
+    r = dict(r)
+    if "fwd_s" in r:
+        r["fwd_tflops"] = flops / r["fwd_s"] / 1e12
+    if "fwdbwd_s" in r:
+        r["fwdbwd_tflops"] = 3 * flops / r["fwdbwd_s"] / 1e12
+    return r
+
+
+def sweep_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool, overrides: Dict,
+              min_reps: int, min_s: float) -> Dict[str, object]:
+    """Pallas-only timings of one row with BlockConfig ``overrides``."""
+    args, row = _row_inputs(T, w, G, H, causal, dry)
+    f = _pallas_fn(tuple(row["window"]), G, causal, pg.BlockConfig(**overrides))
+    r = _measure(f, args, min_reps=min_reps, min_s=min_s)
+    row.update(overrides=overrides, pallas=_with_tflops(
+        r, 4.0 * row["pairs_per_head"] * H * row["N"] * row["B"]))
+    print(f"    sweep {overrides}: {row['pallas']}", file=sys.stderr, flush=True)
+    return row
+
+
+def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool, cache: Dict,
+              config: pg.BlockConfig, min_reps: int, min_s: float) -> Dict[str, object]:
+    (q, k, v, glob), row = _row_inputs(T, w, G, H, causal, dry)
+    B, N, win, pairs = row["B"], row["N"], tuple(row["window"]), row["pairs_per_head"]
     useful = {"pallas": pairs, "xla": pairs,
               "cudnn_local": analytics.allowed_pairs(T, local_window_size=(w, 0), is_causal=True),
               "cudnn_dense": T * (T + 1) // 2 if causal else T * T}
     sdpa_impl = None if dry else "cudnn"  # dry run: XLA's sdpa stands in for cuDNN
 
-    def pallas(q, k, v, glob):
-        return pg.attention(q, k, v, local_window_size=win, global_mask=glob, max_globals=G,
-                            is_causal=causal, config=config)
+    pallas = _pallas_fn(win, G, causal, config)
 
     def xla(q, k, v, glob):
         return ga.global_local_attention(q, k, v, local_window_size=win, global_mask=glob,
@@ -217,11 +253,7 @@ def bench_row(T: int, w: int, G: int, H: int, causal: bool, *, dry: bool, cache:
             r = _measure(f, args, min_reps=min_reps, min_s=min_s)
             if key is not None:
                 cache[key] = r
-        fl = 4.0 * useful[name] * H * N * B
-        if "fwd_s" in r:
-            r = dict(r, fwd_tflops=fl / r["fwd_s"] / 1e12)
-        if "fwdbwd_s" in r:
-            r = dict(r, fwdbwd_tflops=3 * fl / r["fwdbwd_s"] / 1e12)
+        r = _with_tflops(r, 4.0 * useful[name] * H * N * B)
         row[name] = r
         print(f"    {name}: {r}", file=sys.stderr, flush=True)
     return row
@@ -281,6 +313,14 @@ def render(rec: Dict) -> str:
         lines.append(f"| {row['T']} | {row['B']} | {row['N']} | {row['H']} | {tuple(row['window'])} "
                      f"| {row['G']} | {row['causal']} | {both(p, 'fwd')} | {both(p, 'fwdbwd')} | "
                      f"{both(x, 'fwdbwd')} | {both(cl, 'fwdbwd')} | {both(cd, 'fwdbwd')} | {pct} | {vs} |")
+    if rec.get("sweep"):
+        first = rec["rows"][0]
+        lines += ["", f"## Tile sweep (pallas only; T={first['T']}, window {tuple(first['window'])}, "
+                  f"G={first['G']}, H={first['H']}; defaults {rec['block_config']})", "",
+                  "| BlockConfig overrides | fwd ms (TF/s) | fwd+bwd ms (TF/s) |", "|---|---|---|"]
+        for r in rec["sweep"]:
+            lines.append(f"| {r['overrides']} | {both(r['pallas'], 'fwd')} | "
+                         f"{both(r['pallas'], 'fwdbwd')} |")
     lines += ["", f"Total wall time {rec['wall_s']:.0f} s (budget {rec['budget_s']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
@@ -310,7 +350,7 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         jax=jax.__version__, backend=backend, device=str(jax.devices()[0].device_kind),
         dry_run=a.dry_run, budget_s=a.budget, block_config=str(config),
-        oracle=[], rows=[])
+        oracle=[], rows=[], sweep=[])
     rec["oracle"] = oracle_check(a.dry_run)
     if all(o["ok"] for o in rec["oracle"]):
         cache: Dict = {}
@@ -321,9 +361,16 @@ def main(argv=None) -> int:
                                         causal=causal, not_run=f"time budget ({elapsed:.0f} s)"))
                 continue
             print(f"  row T={T} w={w} G={G} H={H} causal={causal}", file=sys.stderr, flush=True)
-            rec["rows"].append(bench_row(T, w, G, H, causal, dry=a.dry_run, cache=cache, config=config,
-                                         min_reps=2 if a.dry_run else 5,
+            rec["rows"].append(bench_row(T, w, G, H, causal, dry=a.dry_run, cache=cache,
+                                         config=config, min_reps=2 if a.dry_run else 5,
                                          min_s=0.0 if a.dry_run else 0.5))
+            jax.clear_caches()
+        for overrides in ([dict(block_q=32)] if a.dry_run else TILE_SWEEP):
+            if time.perf_counter() - t_start > a.budget:
+                break
+            rec["sweep"].append(sweep_row(*(DRY_GRID if a.dry_run else GRID)[0], dry=a.dry_run,
+                                          overrides=overrides, min_reps=2 if a.dry_run else 5,
+                                          min_s=0.0 if a.dry_run else 0.5))
             jax.clear_caches()
     rec["wall_s"] = time.perf_counter() - t_start
     with open(out + ".json", "w") as f:
