@@ -38,7 +38,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import jax
 import jax.numpy as jnp

@@ -34,7 +34,6 @@ from hypothesis import given, settings, strategies as st
 
 import globalattn as ga
 from globalattn.kernels import pallas_gpu as pg
-from globalattn.ops import global_local as gl_mod
 
 F32_FWD, F32_BWD = 1e-5, 2e-5
 BF16_FWD, BF16_BWD = 2e-2, 5e-2
@@ -68,10 +67,9 @@ def _kwargs(s: Static, glob, pad, rb, sinks):
 
 
 def _pallas(s: Static, q, k, v, gqkv, sinks, glob, pad, rb):
-    args = gl_mod._resolve(q, k, v, **_kwargs(s, glob, pad, rb, sinks),
-                           max_globals=s.T if s.globals_ else None,
-                           global_qkv=gqkv if s.gqkv else None)
-    return gl_mod._finish(args, pg.pallas_gpu_attention(args, config=s.config))
+    return pg.attention(q, k, v, **_kwargs(s, glob, pad, rb, sinks),
+                        max_globals=s.T if s.globals_ else None,
+                        global_qkv=gqkv if s.gqkv else None, config=s.config)
 
 
 def _oracle(s: Static, q, k, v, gqkv, sinks, glob, pad, rb):
@@ -179,11 +177,10 @@ def test_fixed_shape_matches_oracle_and_nan_never_leaks(s):
 
 def test_public_api_dispatches_to_pallas_gpu():
     rs = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rs.standard_normal((1, 20, 2, 8)), jnp.float32) for _ in range(3))
-    glob = jnp.zeros((1, 20), bool).at[0, 13].set(True)
-    kw = dict(local_window_size=(3, 1), global_mask=glob, sinks=jnp.asarray([0.5, -1.0]))
+    q, k, v = (jnp.asarray(rs.standard_normal((1, 12, 1, 8)), jnp.float32) for _ in range(3))
+    kw = dict(local_window_size=(3, 1), sinks=jnp.asarray([0.5]))
     got = jax.jit(lambda q, k, v: ga.global_local_attention(
-        q, k, v, **kw, max_globals=1, implementation="pallas_gpu"))(q, k, v)
+        q, k, v, **kw, implementation="pallas_gpu"))(q, k, v)
     want = jax.jit(lambda q, k, v: ga.global_local_reference(q, k, v, **kw))(q, k, v)
     _assert_close_finite(got, want, F32_FWD, "public API")
     with pytest.raises(ValueError, match=r"block_q tunes the 'xla' implementation only"):
