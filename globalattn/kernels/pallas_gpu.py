@@ -47,6 +47,10 @@ because:
 
 On a backend other than a GPU the same call runs in Pallas interpret mode.
 
+Speed on a GPU has not been measured yet: ``python -m experiments.bench_gpu``
+is the prepared device check (oracle check, then timings against the XLA
+path and cuDNN); :class:`BlockConfig` holds the tile sizes it may tune.
+
 Cost: ordinary rows O(T * (bq + left + right + G + r * block_size)) per head,
 global rows O(G * T); memory O(T * (1 + r)) per head (random keys gathered).
 """
