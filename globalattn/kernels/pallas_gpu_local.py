@@ -307,7 +307,7 @@ def global_column_dkv(p: Plan, q, do, lse, delta, kg, vg, gpos):
                   pl.BlockSpec((None, p.bg), lambda g, s, j: (bn(j)[0], g))],
         out_specs=[out, out],
         out_shape=[shape, shape],
-        compiler_params=_params(p, 4),
+        compiler_params=_params(p, 4 if p.Hp <= 64 else 8),
         interpret=p.interpret,
         name="globalattn_global_column_dkv",
     )(q, do, lse, delta, kg, vg, gpos)
@@ -349,7 +349,7 @@ def random_dkv(p: Plan, q, do, lse, delta, kr, vr, rpos):
                   pl.BlockSpec((None, None, p.rt), lambda t, b, n: (b, n, t))],
         out_specs=[tile, tile],
         out_shape=[jax.ShapeDtypeStruct(kr.shape, kr.dtype), jax.ShapeDtypeStruct(vr.shape, vr.dtype)],
-        compiler_params=_params(p, 4),
+        compiler_params=_params(p, 4 if p.Hp <= 64 else 8),
         interpret=p.interpret,
         name="globalattn_random_dkv",
     )(q, do, lse, delta, kr, vr, rpos)
