@@ -8,4 +8,6 @@ tests run on a CPU.
 
 # implementation name -> "module:function" taking a GlobalLocalArgs
 # (see globalattn.ops.global_local); imported only when first used.
-KERNELS: dict = {}
+KERNELS: dict = {
+    "pallas_gpu": "globalattn.kernels.pallas_gpu:pallas_gpu_attention",
+}
