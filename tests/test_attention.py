@@ -449,9 +449,14 @@ def test_nan_value_reaches_only_the_rows_that_attend_it():
                                   [4, 5, 6])
 
 
+@pytest.mark.parametrize("implementation", [
+    "xla", pytest.param("pallas_gpu", marks=pytest.mark.slow),
+    pytest.param("pallas_tpu", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("where", ["k", "v", "q", "kg", "vg"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_non_finite_token_matches_oracle_nan_pattern(where, causal):
+def test_non_finite_token_matches_oracle_nan_pattern(where, causal, implementation):
+    if implementation not in gl_mod.IMPLEMENTATIONS:
+        pytest.skip(f"implementation {implementation!r} is not registered")
     B, T, N, H = 2, 21, 2, 4
     keys = jax.random.split(jax.random.key(7), 6)
     q, k, v, qg, kg, vg = (jax.random.normal(x, (B, T, N, H)) for x in keys)
@@ -464,7 +469,8 @@ def test_non_finite_token_matches_oracle_nan_pattern(where, causal):
     kw = dict(local_window_size=(2, 1), global_mask=glob, padding_mask=pad, is_causal=causal,
               random_blocks=rb, block_size=4,
               global_qkv=(bad.get("qg", qg), bad.get("kg", kg), bad.get("vg", vg)))
-    out = ga.global_local_attention(bad["q"], bad["k"], bad["v"], **kw)
+    out = ga.global_local_attention(bad["q"], bad["k"], bad["v"], implementation=implementation,
+                                    **kw)
     ref = ga.global_local_reference(bad["q"], bad["k"], bad["v"], **kw)
     assert np.isnan(np.asarray(ref)).any() and not np.isnan(np.asarray(ref)).all()
     _nan_pattern_matches_oracle(out, ref)

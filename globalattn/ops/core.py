@@ -38,6 +38,7 @@ Array = jax.Array
 
 __all__ = [
     "Part",
+    "non_finite_to_keys",
     "blocks",
     "global_column_part",
     "global_row_part",
@@ -76,13 +77,25 @@ def prepare(q: Array, k: Array, v: Array, keep: Array) -> Tuple[Array, Array, Ar
     """
     keep4 = keep[:, :, None, None]
     zero = lambda x: jnp.where(keep4, x, jnp.zeros((), x.dtype))  # noqa: E731
-    q, k, v = zero(q), zero(k), zero(v)
-    ok = jnp.all(jnp.isfinite(k), axis=-1, keepdims=True) & jnp.all(
-        jnp.isfinite(v), axis=-1, keepdims=True)
-    k = jnp.where(ok, k, jnp.array(jnp.nan, k.dtype))
-    v = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype))
+    q = zero(q)
+    k, v = non_finite_to_keys(zero(k), zero(v))
     heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
     return heads_first(q), heads_first(k), heads_first(v)
+
+
+def non_finite_to_keys(k: Array, v: Array) -> Tuple[Array, Array]:
+    """Keys and values ``[..., H]``: a token with a non-finite key or value entry
+    gets an all-NaN key, and its value's non-finite entries become 0.
+
+    Every score against that token is then NaN: a row that attends it is NaN
+    (an inf key could instead score -inf and vanish), a row that does not
+    attend it masks the score away, and no ``0 * NaN`` product of a
+    probability and a value reaches it. Idempotent.
+    """
+    ok = jnp.all(jnp.isfinite(k), axis=-1, keepdims=True) & jnp.all(
+        jnp.isfinite(v), axis=-1, keepdims=True)
+    return (jnp.where(ok, k, jnp.array(jnp.nan, k.dtype)),
+            jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype)))
 
 
 def _pad_axis(x: Array, axis: int, before: int, after: int) -> Array:

@@ -127,7 +127,13 @@ def global_local_attention(
         if block_q is not None:
             raise ValueError(f"block_q tunes the 'xla' implementation only; got block_q={block_q} "
                              f"with implementation={name!r}")
-        out = _load(name)(args)
+        # Kernels see the same inputs as the XLA path's parts: a non-finite key
+        # or value of a real token only reaches the rows that attend it.
+        k, v = core.non_finite_to_keys(args.k, args.v)
+        gqkv = args.global_qkv
+        if gqkv is not None:
+            gqkv = (gqkv[0],) + core.non_finite_to_keys(gqkv[1], gqkv[2])
+        out = _load(name)(args._replace(k=k, v=v, global_qkv=gqkv))
     return _finish(args, out)
 
 
