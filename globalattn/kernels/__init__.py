@@ -8,4 +8,6 @@ tests run on a CPU.
 
 # implementation name -> "module:function" taking a GlobalLocalArgs
 # (see globalattn.ops.global_local); imported only when first used.
-KERNELS: dict = {}
+KERNELS: dict = {
+    "pallas_tpu": "globalattn.kernels.pallas_tpu:pallas_tpu_attention",
+}

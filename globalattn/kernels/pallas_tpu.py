@@ -1,0 +1,192 @@
+"""``implementation='pallas_tpu'``: fused global + local attention for TPU (Pallas / Mosaic).
+
+Two calls of one block-sparse flash-attention primitive
+(:func:`globalattn.kernels.pallas_tpu_kernels.attend`):
+
+1. **Rows pass.** All T query rows against ``[K_globals ; K]``: the G global
+   keys of each example gathered into ``ceil(G / block_k)`` dense key blocks in
+   front of the sequence, so scattered globals cost a few blocks rather than a
+   column of blocks each. Each query block visits the global blocks, its window
+   band and the key blocks of its BigBird random blocks (a scalar-prefetched
+   list). Per-key codes exclude padding, empty global slots, global keys
+   inside the window (already counted there) and global keys drawn by a random
+   block; duplicated random draws count once because the pair mask is an OR.
+2. **Global-rows pass.** The G global query rows (``q_g`` with ``global_qkv``)
+   against every real key, written over the rows pass at their positions.
+
+Softmax is online in float32 with a custom VJP whose backward kernels recompute
+probabilities from the per-row log-sum-exp: nothing of size T x window lives in
+HBM. On a backend other than TPU the same kernels run in Pallas interpret mode.
+
+Cost per head: rows pass ``T * (G_blocks + window_blocks + random_blocks) *
+block_k`` scores; global-rows pass ``G * T``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from globalattn.kernels import pallas_tpu_schedule as S
+from globalattn.kernels.pallas_tpu_kernels import Config, attend
+from globalattn.ops.dense import gather_global_positions
+
+Array = jax.Array
+
+__all__ = ["pallas_tpu_attention", "default_block"]
+
+_TPU_BLOCK = 128  # lane width: key blocks and the row statistics are lane-dense
+
+
+def default_block(seq_len: int, on_tpu: bool) -> int:
+    """Query and key block size: 128 on TPU; in interpret mode the sequence rounded up to 8, at most 128."""
+    if on_tpu:
+        return _TPU_BLOCK
+    return min(_TPU_BLOCK, S.cdiv(seq_len, 8) * 8)
+
+
+def _check_block(value: int, name: str, on_tpu: bool) -> int:
+    unit = _TPU_BLOCK if on_tpu else 8
+    if not isinstance(value, int) or value <= 0 or value % unit:
+        raise ValueError(f"{name} must be a positive multiple of {unit}"
+                         f"{' on TPU' if on_tpu else ''}, got {value!r}")
+    return value
+
+
+def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
+                         interpret: Any = None) -> Array:
+    """The ``'pallas_tpu'`` implementation: ``GlobalLocalArgs -> [B, T, N, H]``.
+
+    ``block_q``/``block_k`` are static tiling knobs (the result does not depend
+    on them); ``interpret`` defaults to False on TPU and True elsewhere, and may
+    be a ``pltpu.InterpretParams``.
+    """
+    q, k, v = args.q, args.k, args.v
+    B, T, N, H = q.shape
+    on_tpu = jax.default_backend() == "tpu"
+    if interpret is None:
+        interpret = not on_tpu
+    strict = on_tpu and not interpret
+    bq = _check_block(block_q if block_q is not None else default_block(T, strict), "block_q",
+                      strict)
+    bk = _check_block(block_k if block_k is not None else default_block(T, strict), "block_k",
+                      strict)
+    Tp = S.cdiv(T, math.lcm(bq, bk)) * math.lcm(bq, bk)
+    nq, nks = Tp // bq, Tp // bk
+    left, right, causal = args.left, args.right, args.is_causal
+
+    pad = args.padding_mask
+    pad_p = jnp.pad(pad, ((0, 0), (0, Tp - T)))
+    keep = pad[:, :, None, None]
+
+    def heads_first(x):
+        # Masked slots are zeroed: NaN/inf written there must reach nothing.
+        x = jnp.transpose(jnp.where(keep, x, jnp.zeros((), x.dtype)), (0, 2, 1, 3))
+        return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+
+    qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
+    has_sinks = args.sinks is not None
+    sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
+    glob, G = args.global_mask, args.max_globals
+    has_g = glob is not None and G > 0
+
+    # ---- key slots of the rows pass: [global slots ; sequence] ----------
+    seq_pos = jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))
+    glob_p = (jnp.pad(glob, ((0, 0), (0, Tp - T))) if glob is not None
+              else jnp.zeros((B, Tp), bool))
+    seq_code = jnp.where(pad_p, jnp.where(glob_p, S.CODE_GLOBAL_TOKEN, S.CODE_TOKEN),
+                         S.CODE_INVALID)
+    rb = None
+    seq_blk = None
+    if args.random_blocks is not None:
+        rb = S.random_ids(args.random_blocks, T, args.block_size)
+        seq_blk = jnp.where(seq_pos < T, seq_pos // args.block_size, -1)
+    seq_info = S.key_info(seq_pos, seq_code, seq_blk)  # [B, 3, Tp]
+
+    ng = 0
+    k_rows, v_rows, kinfo = kt, vt, seq_info
+    if has_g:
+        gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
+        ng = S.cdiv(G, bk)
+        gpos_k = jnp.pad(gpos, ((0, 0), (0, ng * bk - G)))
+        gvalid_k = jnp.pad(gvalid, ((0, 0), (0, ng * bk - G)))
+        gidx = gpos_k[:, None, :, None]
+        k_rows = jnp.concatenate([jnp.take_along_axis(kt, gidx, axis=2), kt], axis=2)
+        v_rows = jnp.concatenate([jnp.take_along_axis(vt, gidx, axis=2), vt], axis=2)
+        g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
+                            None)
+        kinfo = jnp.concatenate([g_info, seq_info], axis=2)
+
+    # ---- schedule of the rows pass ---------------------------------------
+    need_seq = S.band_need(nq, bq, nks, bk, left, right, T)[None, None]  # [1, 1, nq, nks]
+    length = S.band_bound(bq, bk, left, right)
+    t_length = S.band_bound(bk, bq, right, left)
+    qinfo, n_rand, sched_bn = None, 0, (1, 1)
+    if rb is not None:
+        n_rand = rb.shape[-1]
+        rneed = S.random_need(rb, nq, bq, nks, bk, T, args.block_size)
+        if causal:
+            rneed = rneed & S.causal_need(nq, bq, nks, bk)
+        need_seq = need_seq | rneed
+        sched_bn = rb.shape[:2]
+        qinfo = S.row_random_ids(rb, T, Tp, args.block_size)  # [B', N', r, Tp]
+        length += S.random_bound(bq, bk, args.block_size, n_rand)
+        t_length = nq  # any number of query blocks may draw one key block
+    need = need_seq
+    if has_g:
+        # A global block is needed when some example has a valid slot in it
+        # (and, causally, when its first position precedes the query block's end).
+        first = jnp.min(jnp.where(gvalid_k, gpos_k, Tp), axis=0)[::bk]  # [ng]
+        gneed = (first < Tp)[None, :] & jnp.ones((nq, 1), bool)
+        if causal:
+            gneed = gneed & (first[None, :] <= jnp.arange(nq)[:, None] * bq + bq - 1)
+        need = jnp.concatenate(
+            [jnp.broadcast_to(gneed, need_seq.shape[:2] + gneed.shape),
+             jnp.broadcast_to(need_seq, need_seq.shape[:2] + need_seq.shape[2:])], axis=-1)
+        length += ng
+    nk = need.shape[-1]
+    sched = S.lists_from_need(need, min(nk, length))
+    groups, tsched = [], []
+    if has_g:
+        groups.append((0, ng))
+        tsched.append(S.lists_from_need(jnp.swapaxes(need[..., :ng], -1, -2), nq))
+    groups.append((ng, nks))
+    tsched.append(S.lists_from_need(jnp.swapaxes(need[..., ng:], -1, -2), min(nq, t_length)))
+    cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
+                 n_rand=n_rand, sched_bn=tuple(sched_bn),
+                 info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
+                 has_sinks=has_sinks, groups=tuple(groups), interpret=interpret)
+    out = attend(cfg, qt, k_rows, v_rows, sinks, kinfo, qinfo, sched, tuple(tsched))
+    out = jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+    if not has_g:
+        return out
+
+    # ---- global rows: G query rows against every real key -----------------
+    if args.global_qkv is not None:
+        qs, ks, vs = (heads_first(x) for x in args.global_qkv)
+    else:
+        qs, ks, vs = qt, kt, vt
+    bqg = min(bq, S.cdiv(G, 8) * 8)
+    Gq = S.cdiv(G, bqg) * bqg
+    nqg = Gq // bqg
+    gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
+    gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
+    q_g = jnp.take_along_axis(qs, gpos_q[:, None, :, None], axis=2)  # [B, N, Gq, H]
+    row_pos = jnp.where(gvalid_q, gpos_q, -1)
+    qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
+    need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
+    if causal:
+        last = jnp.max(row_pos.reshape(B, nqg, bqg), axis=(0, 2))  # [nqg]
+        need_g = need_g & (jnp.arange(nks)[None, :] * bk <= last[:, None])
+    need_g = need_g[None, None]
+    cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
+                   n_rand=0, sched_bn=(1, 1), info_bn=(B, 1), has_sinks=has_sinks,
+                   groups=((0, nks),), interpret=interpret)
+    out_g = attend(cfg_g, q_g, ks, vs, sinks, seq_info, qinfo_g,
+                   S.lists_from_need(need_g, nks),
+                   (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
+    out_g = jnp.transpose(out_g[:, :, :G], (0, 2, 1, 3))  # [B, G, N, H]
+    slot_pos = jnp.where(gvalid, gpos, T)  # T = out of range, dropped
+    return out.at[jnp.arange(B)[:, None], slot_pos].set(out_g.astype(out.dtype), mode="drop")
