@@ -23,8 +23,9 @@ block_k`` scores; global-rows pass ``G * T``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,35 @@ from globalattn.ops.dense import gather_global_positions
 
 Array = jax.Array
 
-__all__ = ["pallas_tpu_attention", "default_block"]
+__all__ = ["pallas_tpu_attention", "default_block", "compile_for_tpu"]
+
+# Set by compile_for_tpu(): lower to Mosaic although the default backend is not a TPU.
+_FORCE_MOSAIC = [False]
+
+
+@contextlib.contextmanager
+def compile_for_tpu() -> Iterator[None]:
+    """Traces inside lower the kernel for TPU (Mosaic) from a host without one.
+
+    For ahead-of-time compilation against ``jax.experimental.topologies``
+    devices: ``implementation='auto'`` picks ``'pallas_tpu'`` (as on a TPU
+    backend) and the kernel is not interpreted. Traces only: nothing inside
+    may run on the host backend.
+    """
+    from globalattn.ops import global_local as gl  # the dispatcher's backend -> kernel table
+
+    host = jax.default_backend()
+    saved = gl.AUTO.get(host)
+    gl.AUTO[host] = gl.AUTO["tpu"]
+    _FORCE_MOSAIC[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_MOSAIC[0] = False
+        if saved is None:
+            gl.AUTO.pop(host, None)
+        else:
+            gl.AUTO[host] = saved
 
 _TPU_BLOCK = 128  # lane width: key blocks and the row statistics are lane-dense
 
@@ -65,7 +94,7 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     """
     q, k, v = args.q, args.k, args.v
     B, T, N, H = q.shape
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = jax.default_backend() == "tpu" or _FORCE_MOSAIC[0]
     if interpret is None:
         interpret = not on_tpu
     strict = on_tpu and not interpret

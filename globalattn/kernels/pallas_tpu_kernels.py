@@ -56,6 +56,11 @@ class Config(NamedTuple):
     interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
 
 
+def _out(shape, dtype, like: Array) -> jax.ShapeDtypeStruct:
+    """An output shape that varies over the same manual (shard_map) axes as ``like``."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
+
+
 def _sel(idx: Any, n: int) -> Any:
     return idx if n > 1 else 0
 
@@ -80,7 +85,9 @@ def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand):
             for t in qrand[1:]:
                 hit = hit | (t == kblk)
             seq_ok = seq_ok | (hit & (kcode != S.CODE_GLOBAL_TOKEN))
-        ok = valid & jnp.where(kcode == S.CODE_GLOBAL_SLOT, jnp.logical_not(in_win), seq_ok)
+        # Boolean algebra rather than a select of booleans (Mosaic cannot relayout i1 selects).
+        gslot = kcode == S.CODE_GLOBAL_SLOT
+        ok = valid & ((gslot & jnp.logical_not(in_win)) | (jnp.logical_not(gslot) & seq_ok))
     if cfg.causal:
         ok = ok & (kpos <= qpos)
     return ok
@@ -216,8 +223,7 @@ def _forward(cfg: Config, q, k, v, sinks, kinfo, qinfo, ids, cnt):
                            bytes_accessed=isz * B * N * (2 * Tq * H + 2 * nq * L * bk * H))
     out, lse = pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((B, N, Tq, H), q.dtype),
-                   jax.ShapeDtypeStruct((B, N, 1, Tq), jnp.float32)],
+        out_shape=[_out((B, N, Tq, H), q.dtype, q), _out((B, N, 1, Tq), jnp.float32, q)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_fwd",
@@ -292,7 +298,7 @@ def _backward_dq(cfg: Config, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do):
                            transcendentals=B * N * nq * L * bq * bk,
                            bytes_accessed=isz * B * N * (3 * Tq * H + 2 * nq * L * bk * H))
     return pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        kernel, grid_spec=grid_spec, out_shape=_out(q.shape, q.dtype, q),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dq",
@@ -382,7 +388,7 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     shape = (B, N, nkg * bk, H)
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(shape, k.dtype), jax.ShapeDtypeStruct(shape, v.dtype)],
+        out_shape=[_out(shape, k.dtype, k), _out(shape, v.dtype, k)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
