@@ -84,6 +84,57 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
     return value
 
 
+# Moving the G global rows in and out of [B, N, Tp, H] arrays. Autodiff of a
+# gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
+# array; positions of valid globals are distinct, so both directions are gathers.
+@jax.custom_vjp
+def _gather_rows(x: Array, pos: Array, slot: Array) -> Array:
+    """``x[b, :, pos[b, g]]`` -> ``[B, N, G', H]``; ``slot [B, Tp]`` = the slot of each position or -1.
+
+    Only slots named by ``slot`` receive gradient: the others (empty capacity)
+    must have zero cotangent, which holds because they are masked everywhere.
+    """
+    return jnp.take_along_axis(x, pos[:, None, :, None], axis=2)
+
+
+def _gather_rows_fwd(x, pos, slot):
+    return _gather_rows(x, pos, slot), (pos, slot)
+
+
+def _gather_rows_bwd(res, ct):
+    pos, slot = res
+    back = jnp.take_along_axis(ct, jnp.maximum(slot, 0)[:, None, :, None], axis=2)
+    return jnp.where((slot >= 0)[:, None, :, None], back, jnp.zeros((), ct.dtype)), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def _overwrite_rows(x: Array, rows: Array, pos: Array, slot: Array) -> Array:
+    """``x`` with row ``pos[b, g]`` replaced by ``rows[b, :, g]`` wherever ``slot`` names g."""
+    src = jnp.take_along_axis(rows, jnp.maximum(slot, 0)[:, None, :, None], axis=2)
+    return jnp.where((slot >= 0)[:, None, :, None], src.astype(x.dtype), x)
+
+
+def _overwrite_rows_fwd(x, rows, pos, slot):
+    return _overwrite_rows(x, rows, pos, slot), (pos, slot, jnp.zeros((), rows.dtype))
+
+
+def _overwrite_rows_bwd(res, ct):
+    pos, slot, rows_zero = res
+    rows_dtype = rows_zero.dtype
+    hit = (slot >= 0)[:, None, :, None]
+    d_rows = jnp.take_along_axis(ct, pos[:, None, :, None], axis=2).astype(rows_dtype)
+    # A slot without a position (empty capacity) was never written: no gradient.
+    used = jnp.any((slot[:, None, :] == jnp.arange(pos.shape[1])[None, :, None]), axis=-1)
+    d_rows = jnp.where(used[:, None, :, None], d_rows, jnp.zeros((), rows_dtype))
+    return jnp.where(hit, jnp.zeros((), ct.dtype), ct), d_rows, None, None
+
+
+_overwrite_rows.defvjp(_overwrite_rows_fwd, _overwrite_rows_bwd)
+
+
 def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
                          interpret: Any = None) -> Array:
     """The ``'pallas_tpu'`` implementation: ``GlobalLocalArgs -> [B, T, N, H]``.
@@ -141,9 +192,12 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
         ng = S.cdiv(G, bk)
         gpos_k = jnp.pad(gpos, ((0, 0), (0, ng * bk - G)))
         gvalid_k = jnp.pad(gvalid, ((0, 0), (0, ng * bk - G)))
-        gidx = gpos_k[:, None, :, None]
-        k_rows = jnp.concatenate([jnp.take_along_axis(kt, gidx, axis=2), kt], axis=2)
-        v_rows = jnp.concatenate([jnp.take_along_axis(vt, gidx, axis=2), vt], axis=2)
+        # slot[b, t]: the global slot of position t, or -1.
+        slot = jnp.full((B, Tp), -1, jnp.int32).at[jnp.arange(B)[:, None],
+                                                   jnp.where(gvalid, gpos, Tp)].set(
+            jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
+        k_rows = jnp.concatenate([_gather_rows(kt, gpos_k, slot), kt], axis=2)
+        v_rows = jnp.concatenate([_gather_rows(vt, gpos_k, slot), vt], axis=2)
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -188,9 +242,8 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
                  info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
                  has_sinks=has_sinks, groups=tuple(groups), interpret=interpret)
     out = attend(cfg, qt, k_rows, v_rows, sinks, kinfo, qinfo, sched, tuple(tsched))
-    out = jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
     if not has_g:
-        return out
+        return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
 
     # ---- global rows: G query rows against every real key -----------------
     if args.global_qkv is not None:
@@ -202,7 +255,7 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     nqg = Gq // bqg
     gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
     gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
-    q_g = jnp.take_along_axis(qs, gpos_q[:, None, :, None], axis=2)  # [B, N, Gq, H]
+    q_g = _gather_rows(qs, gpos_q, slot)  # [B, N, Gq, H]
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
@@ -216,6 +269,5 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     out_g = attend(cfg_g, q_g, ks, vs, sinks, seq_info, qinfo_g,
                    S.lists_from_need(need_g, nks),
                    (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
-    out_g = jnp.transpose(out_g[:, :, :G], (0, 2, 1, 3))  # [B, G, N, H]
-    slot_pos = jnp.where(gvalid, gpos, T)  # T = out of range, dropped
-    return out.at[jnp.arange(B)[:, None], slot_pos].set(out_g.astype(out.dtype), mode="drop")
+    out = _overwrite_rows(out, out_g, gpos_q, slot)
+    return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
