@@ -142,7 +142,57 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     ``block_q``/``block_k`` are static tiling knobs (the result does not depend
     on them); ``interpret`` defaults to False on TPU and True elsewhere, and may
     be a ``pltpu.InterpretParams``.
+
+    Under a mesh with Auto axes (``jax.set_mesh``, as the training step runs)
+    the kernel is placed in a ``jax.shard_map``: a Mosaic call cannot be
+    partitioned by the compiler. Examples are split over the batch mesh axes
+    and heads over ``'model'`` where they divide; other axes see the whole
+    (replicated) operands.
     """
+    kw = dict(block_q=block_q, block_k=block_k, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    # Every Auto axis, size 1 included: Mosaic lowers only where all axes are manual.
+    auto = [] if mesh.empty else [
+        name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+        if kind == jax.sharding.AxisType.Auto]
+    if not auto:
+        return _attention(args, **kw)
+    return _sharded(args, mesh, auto, kw)
+
+
+def _sharded(args, mesh, auto, kw) -> Array:
+    from globalattn.sharding import BATCH_MESH_AXES  # batch is split over these axes
+
+    from jax.sharding import PartitionSpec as P
+
+    B, _, N, _ = args.q.shape
+    batch, size = [], 1
+    for name in auto:
+        if name in BATCH_MESH_AXES and B % (size * mesh.shape[name]) == 0:
+            batch.append(name)
+            size *= mesh.shape[name]
+    b = tuple(batch) or None
+    h = "model" if "model" in auto and N % mesh.shape["model"] == 0 else None
+    rb = args.random_blocks
+    arrays = dict(q=args.q, k=args.k, v=args.v, padding_mask=args.padding_mask,
+                  global_mask=args.global_mask, random_blocks=rb, global_qkv=args.global_qkv,
+                  sinks=args.sinks)
+    tok, bt = P(b, None, h, None), P(b, None)
+    specs = dict(q=tok, k=tok, v=tok, padding_mask=bt, global_mask=bt,
+                 random_blocks=None if rb is None else P(b if rb.shape[0] > 1 else None,
+                                                         h if rb.shape[1] > 1 else None),
+                 global_qkv=None if args.global_qkv is None else (tok,) * 3,
+                 sinks=P(h))
+    specs = {key: val for key, val in specs.items() if arrays[key] is not None}
+    arrays = {key: val for key, val in arrays.items() if val is not None}
+
+    def body(parts):
+        return _attention(args._replace(**parts), **kw)
+    return jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=tok,
+                         axis_names=set(auto))(arrays)
+
+
+def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpret: Any) -> Array:
     q, k, v = args.q, args.k, args.v
     B, T, N, H = q.shape
     on_tpu = jax.default_backend() == "tpu" or _FORCE_MOSAIC[0]
@@ -186,7 +236,8 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     seq_info = S.key_info(seq_pos, seq_code, seq_blk)  # [B, 3, Tp]
 
     ng = 0
-    k_rows, v_rows, kinfo = kt, vt, seq_info
+    k_glob = v_glob = None
+    kinfo = seq_info
     if has_g:
         gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
         ng = S.cdiv(G, bk)
@@ -196,8 +247,7 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
         slot = jnp.full((B, Tp), -1, jnp.int32).at[jnp.arange(B)[:, None],
                                                    jnp.where(gvalid, gpos, Tp)].set(
             jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
-        k_rows = jnp.concatenate([_gather_rows(kt, gpos_k, slot), kt], axis=2)
-        v_rows = jnp.concatenate([_gather_rows(vt, gpos_k, slot), vt], axis=2)
+        k_glob, v_glob = _gather_rows(kt, gpos_k, slot), _gather_rows(vt, gpos_k, slot)
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -240,8 +290,9 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
                  n_rand=n_rand, sched_bn=tuple(sched_bn),
                  info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
-                 has_sinks=has_sinks, groups=tuple(groups), interpret=interpret)
-    out = attend(cfg, qt, k_rows, v_rows, sinks, kinfo, qinfo, sched, tuple(tsched))
+                 has_sinks=has_sinks, groups=tuple(groups), n_global_blocks=ng,
+                 interpret=interpret)
+    out = attend(cfg, qt, kt, vt, k_glob, v_glob, sinks, kinfo, qinfo, sched, tuple(tsched))
     if not has_g:
         return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
 
@@ -265,8 +316,8 @@ def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Option
     need_g = need_g[None, None]
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
                    n_rand=0, sched_bn=(1, 1), info_bn=(B, 1), has_sinks=has_sinks,
-                   groups=((0, nks),), interpret=interpret)
-    out_g = attend(cfg_g, q_g, ks, vs, sinks, seq_info, qinfo_g,
+                   groups=((0, nks),), n_global_blocks=0, interpret=interpret)
+    out_g = attend(cfg_g, q_g, ks, vs, None, None, sinks, seq_info, qinfo_g,
                    S.lists_from_need(need_g, nks),
                    (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
     out = _overwrite_rows(out, out_g, gpos_q, slot)

@@ -53,6 +53,7 @@ class Config(NamedTuple):
     info_bn: Tuple[int, int]  # leading (B', N') of qinfo
     has_sinks: bool
     groups: Tuple[Tuple[int, int], ...]  # dk/dv key-block groups: (first block, block count)
+    n_global_blocks: int  # key blocks [0, ng) are the global slots (inputs kg, vg), the rest K
     interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
 
 
@@ -113,19 +114,67 @@ def _key_info(kinfo_ref, keys_axis: int):
     return orient(kinfo_ref[0]), orient(kinfo_ref[1]), orient(kinfo_ref[2])
 
 
-def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False):
+def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globals=False):
     refs = list(refs)
     fixed, rest = refs[:n_fixed], refs[n_fixed:]
+    if with_globals and cfg.n_global_blocks:
+        fixed += [rest.pop(0), rest.pop(0)]
     qinfo = rest.pop(0) if (cfg.full_rows or cfg.n_rand) else None
     sinks = rest.pop(0) if (with_sinks and cfg.has_sinks) else None
     return fixed, qinfo, sinks, rest
 
 
+def _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, seq_refs, glob_refs):
+    """Runs ``step`` on the global-slot or the sequence block that list entry j names."""
+    live = j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nq, i)]
+    if not cfg.n_global_blocks:
+        pl.when(live)(lambda: step(*seq_refs))
+        return
+    is_glob = ids_ref[_flat(cfg.sched_bn, b, n, nq, i, L, j)] < cfg.n_global_blocks
+    pl.when(live & is_glob)(lambda: step(*glob_refs))
+    pl.when(live & jnp.logical_not(is_glob))(lambda: step(*seq_refs))
+
+
+def _kv_specs(cfg: Config, nq: int, L: int, H: int):
+    """BlockSpecs of (K, V) and, with globals, (K_glob, V_glob) along the forward lists.
+
+    The sequence inputs follow ``kseq`` (the list with global entries replaced
+    by the row's first sequence block) and the global inputs ``kglob`` (sequence
+    entries replaced by the last global block), so neither refetches a block
+    while the other one is in use.
+    """
+    sb, bk = cfg.sched_bn, cfg.bk
+
+    def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref):
+        return (b, n, kseq_ref[_flat(sb, b, n, nq, i, L, j)], 0)
+
+    def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref):
+        return (b, n, kglob_ref[_flat(sb, b, n, nq, i, L, j)], 0)
+
+    seq = [pl.BlockSpec((None, None, bk, H), seq_map)] * 2
+    glob = [pl.BlockSpec((None, None, bk, H), glob_map)] * 2 if cfg.n_global_blocks else []
+    return seq, glob
+
+
+def split_lists(ids: Array, n_global_blocks: int) -> Tuple[Array, Array]:
+    """Per-input block lists from a forward list over ``[global slots ; sequence]`` blocks."""
+    ng = n_global_blocks
+    is_seq = ids >= ng
+    first_seq = jnp.min(jnp.where(is_seq, ids, jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
+    first_seq = jnp.where(first_seq == jnp.iinfo(jnp.int32).max, ng, first_seq)
+    kseq = jnp.where(is_seq, ids, first_seq) - ng
+    last_glob = jnp.max(jnp.where(is_seq, -1, ids), axis=-1, keepdims=True)
+    kglob = jnp.where(is_seq, jnp.maximum(last_glob, 0), ids)
+    return kseq.astype(jnp.int32), kglob.astype(jnp.int32)
+
+
 # ---------------------------------------------------------------------------
 # Forward.
 # ---------------------------------------------------------------------------
-def _fwd_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nq: int, L: int, scale: float):
-    (q_ref, k_ref, v_ref, kinfo_ref), qinfo_ref, sinks_ref, rest = _split(cfg, refs, 4, with_sinks=True)
+def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
+                scale: float):
+    fixed, qinfo_ref, sinks_ref, rest = _split(cfg, refs, 4, with_sinks=True, with_globals=True)
+    q_ref, k_ref, v_ref, kinfo_ref = fixed[:4]
     o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
     b, n, i, j = (pl.program_id(a) for a in range(4))
 
@@ -139,8 +188,7 @@ def _fwd_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nq: int, L: int, scale: fl
             l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nq, i)])
-    def _step():
+    def step(k_ref, v_ref):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
         qpos, qrand = _row_info(cfg, qinfo_ref, i, s.shape, 0)
@@ -158,6 +206,8 @@ def _fwd_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nq: int, L: int, scale: fl
         acc_ref[...] = alpha * acc_ref[...] + pv
         m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
         l_ref[...] = jnp.broadcast_to(l_new, l_ref.shape)
+
+    _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[4:])
 
     @pl.when(j == L - 1)
     def _finish():
@@ -187,17 +237,14 @@ def _common_specs(cfg: Config, qinfo, sinks, q_block_of, spec_batch_head):
     return specs, args
 
 
-def _forward(cfg: Config, q, k, v, sinks, kinfo, qinfo, ids, cnt):
+def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt):
     B, N, Tq, H = q.shape
     bq, bk = cfg.bq, cfg.bk
     nq, L = ids.shape[-2], ids.shape[-1]
     scale = 1.0 / math.sqrt(H)
     sb = cfg.sched_bn
 
-    def kmap(b, n, i, j, ids_ref, cnt_ref):
-        return (b, n, ids_ref[_flat(sb, b, n, nq, i, L, j)], 0)
-
-    def kinfo_map(b, n, i, j, ids_ref, cnt_ref):
+    def kinfo_map(b, n, i, j, ids_ref, *_):
         return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
 
     def qmap(b, n, i, j, *_):
@@ -205,14 +252,14 @@ def _forward(cfg: Config, q, k, v, sinks, kinfo, qinfo, ids, cnt):
 
     extra_specs, extra = _common_specs(cfg, qinfo, sinks if cfg.has_sinks else None,
                                        lambda b, n, i, j, *_: (b, n, i), None)
-    in_specs = [pl.BlockSpec((None, None, bq, H), qmap),
-                pl.BlockSpec((None, None, bk, H), kmap),
-                pl.BlockSpec((None, None, bk, H), kmap),
-                pl.BlockSpec((None, 3, bk), kinfo_map)] + extra_specs
+    seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
+    in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
+                + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs)
+    glob_args = [kg, vg] if cfg.n_global_blocks else []
     out_specs = [pl.BlockSpec((None, None, bq, H), qmap),
                  pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(B, N, nq, L), in_specs=in_specs, out_specs=out_specs,
+        num_scalar_prefetch=4, grid=(B, N, nq, L), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, H), jnp.float32)])
@@ -227,16 +274,18 @@ def _forward(cfg: Config, q, k, v, sinks, kinfo, qinfo, ids, cnt):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_fwd",
-    )(ids.reshape(-1), cnt.reshape(-1), q, k, v, kinfo, *extra)
+    )(ids.reshape(-1), cnt.reshape(-1), *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks)),
+      q, k, v, kinfo, *glob_args, *extra)
     return out, lse
 
 
 # ---------------------------------------------------------------------------
 # Backward: dq along the forward schedule.
 # ---------------------------------------------------------------------------
-def _dq_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nq: int, L: int, scale: float):
-    (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
-        cfg, refs, 7)
+def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
+               scale: float):
+    fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
+    q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref = fixed[:7]
     dq_ref, acc_ref = rest
     b, n, i, j = (pl.program_id(a) for a in range(4))
 
@@ -244,8 +293,7 @@ def _dq_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nq: int, L: int, scale: flo
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nq, i)])
-    def _step():
+    def step(k_ref, v_ref):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
         qpos, qrand = _row_info(cfg, qinfo_ref, i, s.shape, 0)
@@ -257,21 +305,20 @@ def _dq_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nq: int, L: int, scale: flo
         acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
                                         preferred_element_type=jnp.float32)
 
+    _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[7:])
+
     @pl.when(j == L - 1)
     def _finish():
         dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg: Config, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do):
+def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do):
     B, N, Tq, H = q.shape
     bq, bk = cfg.bq, cfg.bk
     nq, L = ids.shape[-2], ids.shape[-1]
     sb = cfg.sched_bn
 
-    def kmap(b, n, i, j, ids_ref, cnt_ref):
-        return (b, n, ids_ref[_flat(sb, b, n, nq, i, L, j)], 0)
-
-    def kinfo_map(b, n, i, j, ids_ref, cnt_ref):
+    def kinfo_map(b, n, i, j, ids_ref, *_):
         return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
 
     def qmap(b, n, i, j, *_):
@@ -281,15 +328,15 @@ def _backward_dq(cfg: Config, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do):
         return (b, n, 0, i)
 
     extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i), None)
-    in_specs = [pl.BlockSpec((None, None, bq, H), qmap),
-                pl.BlockSpec((None, None, bk, H), kmap),
-                pl.BlockSpec((None, None, bk, H), kmap),
-                pl.BlockSpec((None, 3, bk), kinfo_map),
-                pl.BlockSpec((None, None, 1, bq), rowmap),
-                pl.BlockSpec((None, None, 1, bq), rowmap),
-                pl.BlockSpec((None, None, bq, H), qmap)] + extra_specs
+    seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
+    in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
+                + [pl.BlockSpec((None, 3, bk), kinfo_map),
+                   pl.BlockSpec((None, None, 1, bq), rowmap),
+                   pl.BlockSpec((None, None, 1, bq), rowmap),
+                   pl.BlockSpec((None, None, bq, H), qmap)] + glob_specs + extra_specs)
+    glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(B, N, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=4, grid=(B, N, nq, L), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bq, H), qmap),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)])
     kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L, scale=1.0 / math.sqrt(H))
@@ -302,7 +349,8 @@ def _backward_dq(cfg: Config, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dq",
-    )(ids.reshape(-1), cnt.reshape(-1), q, k, v, kinfo, lse, di, do, *extra)
+    )(ids.reshape(-1), cnt.reshape(-1), *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks)),
+      q, k, v, kinfo, lse, di, do, *glob_args, *extra)
 
 
 # ---------------------------------------------------------------------------
@@ -357,8 +405,8 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     def rowmap(b, n, kb, j, ids_ref, cnt_ref):
         return (b, n, 0, qb_of(b, n, kb, j, ids_ref, cnt_ref))
 
-    def kmap(b, n, kb, j, *_):
-        return (b, n, kb + first, 0)
+    def kmap(b, n, kb, j, *_):  # k, v hold this group's blocks only
+        return (b, n, kb, 0)
 
     def kinfo_map(b, n, kb, j, *_):
         return (b, 0, kb + first)
@@ -399,43 +447,50 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
 # The differentiable primitive.
 # ---------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attend(cfg: Config, q: Array, k: Array, v: Array, sinks: Array, kinfo: Array,
-           qinfo: Optional[Array], sched: Tuple[Array, Array], tsched: Tuple) -> Array:
+def attend(cfg: Config, q: Array, k: Array, v: Array, kg: Optional[Array], vg: Optional[Array],
+           sinks: Array, kinfo: Array, qinfo: Optional[Array], sched: Tuple[Array, Array],
+           tsched: Tuple) -> Array:
     """Block-sparse attention of ``q [B, N, Tq, H]`` to ``k, v [B, N, S, H]``.
 
     ``kinfo [B, 3, S]`` (see :func:`pallas_tpu_schedule.key_info`), ``qinfo``
-    ``[B', N', R, Tq]`` or None, ``sched = (ids, count)`` the forward block
+    ``[B', N', R, Tq]`` or None, ``kg, vg [B, N, ng * bk, H]`` the global
+    slots (key blocks ``[0, ng)`` of the lists; None when ng = 0) and ``k, v``
+    the sequence (blocks ``ng..``), ``sched = (ids, count)`` the forward block
     lists, ``tsched`` one ``(ids, count)`` per entry of ``cfg.groups``,
     ``sinks [N]`` float32 (ignored unless ``cfg.has_sinks``). Differentiable
-    in q, k, v and sinks. Returns ``[B, N, Tq, H]``.
+    in q, k, v, kg, vg and sinks. Returns ``[B, N, Tq, H]``.
     """
-    return _forward(cfg, q, k, v, sinks, kinfo, qinfo, *sched)[0]
+    return _forward(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, *sched)[0]
 
 
-def _attend_fwd(cfg, q, k, v, sinks, kinfo, qinfo, sched, tsched):
-    out, lse = _forward(cfg, q, k, v, sinks, kinfo, qinfo, *sched)
-    return out, (q, k, v, sinks, kinfo, qinfo, sched, tsched, out, lse)
+def _attend_fwd(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched):
+    out, lse = _forward(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, *sched)
+    return out, (q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched, out, lse)
 
 
 def _attend_bwd(cfg, res, do):
-    q, k, v, sinks, kinfo, qinfo, sched, tsched, out, lse = res
+    q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched, out, lse = res
     di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
-    dq = _backward_dq(cfg, q, k, v, kinfo, qinfo, *sched, lse, di, do)
-    dks, dvs = [], []
+    dq = _backward_dq(cfg, q, k, v, kg, vg, kinfo, qinfo, *sched, lse, di, do)
+    grads = []
     for (first, _), (ids, cnt) in zip(cfg.groups, tsched):
-        dk, dv = _backward_dkv(cfg, first, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do)
-        dks.append(dk)
-        dvs.append(dv)
-    dk = dks[0] if len(dks) == 1 else jnp.concatenate(dks, axis=2)
-    dv = dvs[0] if len(dvs) == 1 else jnp.concatenate(dvs, axis=2)
+        kk, vv = (kg, vg) if first < cfg.n_global_blocks else (k, v)
+        grads.append(_backward_dkv(cfg, first, q, kk, vv, kinfo, qinfo, ids, cnt, lse, di, do))
+    dk, dv = grads[-1]
+    dkg, dvg = grads[0] if cfg.n_global_blocks else (None, None)
     if cfg.has_sinks:
         # d/d sink of an extra column with value 0: -p_sink * (do . out) per row.
         p_sink = jnp.exp(sinks[None, :, None] - lse[:, :, 0, :])
         dsinks = -jnp.sum(p_sink * di[:, :, 0, :], axis=(0, 2))
     else:
         dsinks = jnp.zeros_like(sinks)
+    # Inside shard_map, sinks replicated over axes that the rows vary over get
+    # the sum of every shard's gradient (the transpose of that broadcast).
+    spread = tuple(sorted(jax.typeof(dsinks).mat.varying - jax.typeof(sinks).mat.varying))
+    if spread:
+        dsinks = lax.psum(dsinks, spread)
     none = lambda t: jax.tree.map(lambda _: None, t)  # noqa: E731
-    return dq, dk, dv, dsinks, None, none(qinfo), none(sched), none(tsched)
+    return dq, dk, dv, dkg, dvg, dsinks, None, none(qinfo), none(sched), none(tsched)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
