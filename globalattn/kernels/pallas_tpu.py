@@ -84,17 +84,23 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
     return value
 
 
-# Moving the G global rows in and out of [B, N, Tp, H] arrays. Autodiff of a
+# Moving the G global rows in and out of token-major [B, T, N, H] arrays (where
+# XLA fuses them into the layout changes around the kernels). Autodiff of a
 # gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
+def _take_rows(x: Array, idx: Array) -> Array:
+    """``x[b, idx[b, l]]`` for ``x [B, T, ...]`` and ``idx [B, L]``."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 @jax.custom_vjp
 def _gather_rows(x: Array, pos: Array, slot: Array) -> Array:
-    """``x[b, :, pos[b, g]]`` -> ``[B, N, G', H]``; ``slot [B, Tp]`` = the slot of each position or -1.
+    """``x[b, pos[b, g]]`` -> ``[B, G', N, H]``; ``slot [B, T]`` = the slot of each position or -1.
 
     Only slots named by ``slot`` receive gradient: the others (empty capacity)
     must have zero cotangent, which holds because they are masked everywhere.
     """
-    return jnp.take_along_axis(x, pos[:, None, :, None], axis=2)
+    return _take_rows(x, pos)
 
 
 def _gather_rows_fwd(x, pos, slot):
@@ -103,8 +109,8 @@ def _gather_rows_fwd(x, pos, slot):
 
 def _gather_rows_bwd(res, ct):
     pos, slot = res
-    back = jnp.take_along_axis(ct, jnp.maximum(slot, 0)[:, None, :, None], axis=2)
-    return jnp.where((slot >= 0)[:, None, :, None], back, jnp.zeros((), ct.dtype)), None, None
+    back = _take_rows(ct, jnp.maximum(slot, 0))
+    return jnp.where((slot >= 0)[:, :, None, None], back, jnp.zeros((), ct.dtype)), None, None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -112,9 +118,9 @@ _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 @jax.custom_vjp
 def _overwrite_rows(x: Array, rows: Array, pos: Array, slot: Array) -> Array:
-    """``x`` with row ``pos[b, g]`` replaced by ``rows[b, :, g]`` wherever ``slot`` names g."""
-    src = jnp.take_along_axis(rows, jnp.maximum(slot, 0)[:, None, :, None], axis=2)
-    return jnp.where((slot >= 0)[:, None, :, None], src.astype(x.dtype), x)
+    """``x [B, T, N, H]`` with row ``pos[b, g]`` replaced by ``rows[b, g]`` wherever ``slot`` names g."""
+    src = _take_rows(rows, jnp.maximum(slot, 0))
+    return jnp.where((slot >= 0)[:, :, None, None], src.astype(x.dtype), x)
 
 
 def _overwrite_rows_fwd(x, rows, pos, slot):
@@ -123,12 +129,11 @@ def _overwrite_rows_fwd(x, rows, pos, slot):
 
 def _overwrite_rows_bwd(res, ct):
     pos, slot, rows_zero = res
-    rows_dtype = rows_zero.dtype
-    hit = (slot >= 0)[:, None, :, None]
-    d_rows = jnp.take_along_axis(ct, pos[:, None, :, None], axis=2).astype(rows_dtype)
+    hit = (slot >= 0)[:, :, None, None]
+    d_rows = _take_rows(ct, jnp.minimum(pos, ct.shape[1] - 1)).astype(rows_zero.dtype)
     # A slot without a position (empty capacity) was never written: no gradient.
-    used = jnp.any((slot[:, None, :] == jnp.arange(pos.shape[1])[None, :, None]), axis=-1)
-    d_rows = jnp.where(used[:, None, :, None], d_rows, jnp.zeros((), rows_dtype))
+    used = _take_rows(slot, jnp.minimum(pos, slot.shape[1] - 1)) == jnp.arange(pos.shape[1])
+    d_rows = jnp.where(used[:, :, None, None], d_rows, jnp.zeros((), rows_zero.dtype))
     return jnp.where(hit, jnp.zeros((), ct.dtype), ct), d_rows, None, None
 
 
@@ -211,10 +216,15 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     pad_p = jnp.pad(pad, ((0, 0), (0, Tp - T)))
     keep = pad[:, :, None, None]
 
-    def heads_first(x):
-        # Masked slots are zeroed: NaN/inf written there must reach nothing.
-        x = jnp.transpose(jnp.where(keep, x, jnp.zeros((), x.dtype)), (0, 2, 1, 3))
+    def masked(x):  # masked slots are zeroed: NaN/inf written there must reach nothing
+        return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+    def heads_first(x):  # [B, T, N, H] -> [B, N, Tp, H]
+        x = jnp.transpose(masked(x), (0, 2, 1, 3))
         return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+
+    def heads_first_rows(x):  # [B, L, N, H] -> [B, N, L, H]
+        return jnp.transpose(x, (0, 2, 1, 3))
 
     qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
     has_sinks = args.sinks is not None
@@ -244,10 +254,11 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         gpos_k = jnp.pad(gpos, ((0, 0), (0, ng * bk - G)))
         gvalid_k = jnp.pad(gvalid, ((0, 0), (0, ng * bk - G)))
         # slot[b, t]: the global slot of position t, or -1.
-        slot = jnp.full((B, Tp), -1, jnp.int32).at[jnp.arange(B)[:, None],
-                                                   jnp.where(gvalid, gpos, Tp)].set(
+        slot = jnp.full((B, T), -1, jnp.int32).at[jnp.arange(B)[:, None],
+                                                  jnp.where(gvalid, gpos, T)].set(
             jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
-        k_glob, v_glob = _gather_rows(kt, gpos_k, slot), _gather_rows(vt, gpos_k, slot)
+        k_glob = heads_first_rows(_gather_rows(masked(k), gpos_k, slot))  # [B, N, ng*bk, H]
+        v_glob = heads_first_rows(_gather_rows(masked(v), gpos_k, slot))
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -298,15 +309,16 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
 
     # ---- global rows: G query rows against every real key -----------------
     if args.global_qkv is not None:
-        qs, ks, vs = (heads_first(x) for x in args.global_qkv)
+        q_src = args.global_qkv[0]
+        ks, vs = (heads_first(x) for x in args.global_qkv[1:])
     else:
-        qs, ks, vs = qt, kt, vt
+        q_src, ks, vs = q, kt, vt
     bqg = min(bq, S.cdiv(G, 8) * 8)
     Gq = S.cdiv(G, bqg) * bqg
     nqg = Gq // bqg
     gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
     gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
-    q_g = _gather_rows(qs, gpos_q, slot)  # [B, N, Gq, H]
+    q_g = heads_first_rows(_gather_rows(masked(q_src), gpos_q, slot))  # [B, N, Gq, H]
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
@@ -320,5 +332,5 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     out_g = attend(cfg_g, q_g, ks, vs, None, None, sinks, seq_info, qinfo_g,
                    S.lists_from_need(need_g, nks),
                    (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
-    out = _overwrite_rows(out, out_g, gpos_q, slot)
-    return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+    out = jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+    return _overwrite_rows(out, heads_first_rows(out_g), gpos_q, slot)
