@@ -118,7 +118,11 @@ _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 @jax.custom_vjp
 def _overwrite_rows(x: Array, rows: Array, pos: Array, slot: Array) -> Array:
-    """``x [B, T, N, H]`` with row ``pos[b, g]`` replaced by ``rows[b, g]`` wherever ``slot`` names g."""
+    """``x [B, T, N, H]`` with row ``pos[b, g]`` replaced by ``rows[b, g]`` wherever ``slot`` names g.
+
+    Only for an ``x`` whose replaced rows do not depend on its inputs (the
+    rows pass, where global rows attend nothing): their cotangent is passed on.
+    """
     src = _take_rows(rows, jnp.maximum(slot, 0))
     return jnp.where((slot >= 0)[:, :, None, None], src.astype(x.dtype), x)
 
@@ -129,12 +133,13 @@ def _overwrite_rows_fwd(x, rows, pos, slot):
 
 def _overwrite_rows_bwd(res, ct):
     pos, slot, rows_zero = res
-    hit = (slot >= 0)[:, :, None, None]
     d_rows = _take_rows(ct, jnp.minimum(pos, ct.shape[1] - 1)).astype(rows_zero.dtype)
     # A slot without a position (empty capacity) was never written: no gradient.
     used = _take_rows(slot, jnp.minimum(pos, slot.shape[1] - 1)) == jnp.arange(pos.shape[1])
     d_rows = jnp.where(used[:, :, None, None], d_rows, jnp.zeros((), rows_zero.dtype))
-    return jnp.where(hit, jnp.zeros((), ct.dtype), ct), d_rows, None, None
+    # x's cotangent is ct unchanged: the rows pass gives global rows no attention
+    # (its row code), so whatever ct holds there reaches no gradient.
+    return ct, d_rows, None, None
 
 
 _overwrite_rows.defvjp(_overwrite_rows_fwd, _overwrite_rows_bwd)
@@ -298,8 +303,18 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         tsched.append(S.lists_from_need(jnp.swapaxes(need[..., :ng], -1, -2), nq))
     groups.append((ng, nks))
     tsched.append(S.lists_from_need(jnp.swapaxes(need[..., ng:], -1, -2), min(nq, t_length)))
+    if has_g:
+        # Row code: global rows attend nothing in the rows pass (the global-rows pass
+        # writes them), so their cotangent there needs no zeroing.
+        code = jnp.pad((slot >= 0).astype(jnp.int32), ((0, 0), (0, Tp - T)))[:, None, None, :]
+        if qinfo is None:
+            qinfo = code  # [B, 1, 1, Tp]
+        else:
+            lead = (B, qinfo.shape[1])
+            qinfo = jnp.concatenate([jnp.broadcast_to(code, lead + (1, Tp)),
+                                     jnp.broadcast_to(qinfo, lead + qinfo.shape[2:])], axis=2)
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
-                 n_rand=n_rand, sched_bn=tuple(sched_bn),
+                 n_rand=n_rand, row_code=has_g, sched_bn=tuple(sched_bn),
                  info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
                  has_sinks=has_sinks, groups=tuple(groups), n_global_blocks=ng,
                  interpret=interpret)
@@ -327,7 +342,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         need_g = need_g & (jnp.arange(nks)[None, :] * bk <= last[:, None])
     need_g = need_g[None, None]
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
-                   n_rand=0, sched_bn=(1, 1), info_bn=(B, 1), has_sinks=has_sinks,
+                   n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1),
+                   has_sinks=has_sinks,
                    groups=((0, nks),), n_global_blocks=0, interpret=interpret)
     out_g = attend(cfg_g, q_g, ks, vs, None, None, sinks, seq_info, qinfo_g,
                    S.lists_from_need(need_g, nks),

@@ -49,6 +49,7 @@ class Config(NamedTuple):
     causal: bool
     full_rows: bool  # rows see every real key (global rows); qinfo row 0 is the row position
     n_rand: int  # random ids per row in qinfo (rows pass), 0 = none
+    row_code: bool  # rows pass: qinfo row 0 flags global rows, which attend nothing here
     sched_bn: Tuple[int, int]  # leading (B', N') of the schedules: 1 = shared
     info_bn: Tuple[int, int]  # leading (B', N') of qinfo
     has_sinks: bool
@@ -72,9 +73,11 @@ def _flat(cfg_bn, b, n, rows, row, width, col):
     return ((bsel * cfg_bn[1] + nsel) * rows + row) * width + col
 
 
-def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand):
+def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand, qglob=None):
     """The exact pair mask; all arguments broadcast to one 2-D block."""
     valid = kcode != S.CODE_INVALID
+    if qglob is not None:  # a global row gets its attention from the global-rows pass
+        valid = valid & (qglob == 0)
     if cfg.full_rows:
         ok = valid
     else:
@@ -95,17 +98,18 @@ def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand):
 
 
 def _row_info(cfg: Config, qinfo_ref, i, shape, rows_axis: int):
-    """Row positions and random ids, oriented along ``rows_axis`` of a 2-D block."""
+    """Row positions, random ids and global-row flags, oriented along ``rows_axis`` of a 2-D block."""
     bq = cfg.bq
 
     def orient(x):  # a row of bq values from the qinfo block -> broadcastable vector
         return jnp.expand_dims(x, -1) if rows_axis == 0 else x[None, :]
 
     if cfg.full_rows:
-        return orient(qinfo_ref[0]), []
+        return orient(qinfo_ref[0]), [], None
     qpos = i * bq + lax.broadcasted_iota(jnp.int32, shape, rows_axis)
-    qrand = [orient(qinfo_ref[t]) for t in range(cfg.n_rand)] if cfg.n_rand else []
-    return qpos, qrand
+    first = 1 if cfg.row_code else 0
+    qrand = [orient(qinfo_ref[first + t]) for t in range(cfg.n_rand)]
+    return qpos, qrand, orient(qinfo_ref[0]) if cfg.row_code else None
 
 
 def _key_info(kinfo_ref, keys_axis: int):
@@ -119,7 +123,7 @@ def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globa
     fixed, rest = refs[:n_fixed], refs[n_fixed:]
     if with_globals and cfg.n_global_blocks:
         fixed += [rest.pop(0), rest.pop(0)]
-    qinfo = rest.pop(0) if (cfg.full_rows or cfg.n_rand) else None
+    qinfo = rest.pop(0) if (cfg.full_rows or cfg.n_rand or cfg.row_code) else None
     sinks = rest.pop(0) if (with_sinks and cfg.has_sinks) else None
     return fixed, qinfo, sinks, rest
 
@@ -191,9 +195,9 @@ def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: i
     def step(k_ref, v_ref):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-        qpos, qrand = _row_info(cfg, qinfo_ref, i, s.shape, 0)
+        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, s.shape, 0)
         kpos, kcode, kblk = _key_info(kinfo_ref, 1)
-        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand), s, -jnp.inf)
+        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), s, -jnp.inf)
         m_prev = m_ref[...][:, :1]
         l_prev = l_ref[...][:, :1]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -296,9 +300,9 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
     def step(k_ref, v_ref):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-        qpos, qrand = _row_info(cfg, qinfo_ref, i, s.shape, 0)
+        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, s.shape, 0)
         kpos, kcode, kblk = _key_info(kinfo_ref, 1)
-        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand), s, -jnp.inf)
+        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), s, -jnp.inf)
         p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
@@ -373,9 +377,9 @@ def _dkv_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nkg: int, Lt: int, first: 
         i = ids_ref[_flat(cfg.sched_bn, b, n, nkg, kb, Lt, j)]  # the query block
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale  # [bk, bq]
-        qpos, qrand = _row_info(cfg, qinfo_ref, i, st.shape, 1)
+        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, st.shape, 1)
         kpos, kcode, kblk = _key_info(kinfo_ref, 0)
-        st = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand), st, -jnp.inf)
+        st = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), st, -jnp.inf)
         pt = jnp.exp(st - lse_ref[...])
         dv_acc[...] += lax.dot_general(pt.astype(do.dtype), do, _NN,
                                        preferred_element_type=jnp.float32)
