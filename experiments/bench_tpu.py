@@ -174,6 +174,23 @@ def render(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ratios(rows: List[Dict[str, Any]]) -> str:
+    """The issue's comparisons, as measured: Pallas fwd+bwd temporaries vs splash-local and XLA."""
+    by = {(r["path"], r["mode"], r["T"], r["window"], r["G"], r["H"]): r
+          for r in rows if "error" not in r}
+    lines = ["| T | window | G | H | pallas / splash-local temporaries | xla / pallas temporaries "
+             "| pallas fits one chip |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(k for k in by if k[0] == "pallas" and k[1] == "fwdbwd"):
+        _, mode, T, w, G, H = key
+        pr = by[key]
+        sp = by.get(("splash", mode, T, w, G, H))
+        xl = by.get(("xla", mode, T, w, G, H))
+        a = f"{pr['temp_bytes'] / sp['temp_bytes']:.2f}x" if sp and sp["temp_bytes"] else "n/a"
+        b = f"{xl['temp_bytes'] / pr['temp_bytes']:.2f}x" if xl and pr["temp_bytes"] else "n/a"
+        lines.append(f"| {T} | {w} | {G} | {H} | {a} | {b} | {'yes' if pr['fits'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def _grid(a) -> List[Dict[str, Any]]:
     out = []
     for mode in a.modes.split(","):
@@ -206,10 +223,19 @@ def main(argv=None) -> None:
     p.add_argument("--xla_max", type=int, default=65536)
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--out", default="results/bench_tpu.jsonl")
+    p.add_argument("--render", default=None,
+                   help="comma-separated JSON-lines files: print their tables, compile nothing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one row as JSON
     a = p.parse_args(argv)
     if a.one is not None:
         print("ROW " + json.dumps(measure(**json.loads(a.one), topology=a.topology)))
+        return
+    if a.render is not None:
+        rows = []
+        for path in a.render.split(","):
+            with open(path) as f:
+                rows += [json.loads(x) for x in f if x.strip()]
+        print(render(rows) + "\n\n" + ratios(rows))
         return
     from experiments import compile as aot
     if not aot.libtpu_available():
@@ -237,7 +263,8 @@ def main(argv=None) -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     with open(a.out) as f:
-        print(render([json.loads(x) for x in f]))
+        rows = [json.loads(x) for x in f]
+    print(render(rows) + "\n\n" + ratios(rows))
 
 
 if __name__ == "__main__":
