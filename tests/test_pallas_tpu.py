@@ -10,7 +10,7 @@ bf16-rounded inputs: forward <= 2e-2, gradients <= 5e-2 (probabilities are
 rounded to bf16 before P @ V and dS @ K, as on the MXU).
 
 Interpret-mode programs take ~10-20 s each to compile, so the default suite
-runs two fixed cases (~45 s); the hypothesis sets and the race detector run
+runs one fixed case with every feature (~30 s); the hypothesis sets and the race detector run
 under ``-m slow``: ``python -m pytest -q -m slow tests/test_pallas_tpu.py``.
 """
 from __future__ import annotations
@@ -204,13 +204,22 @@ def _fixed_case(seed, *, T, window, causal, random, gqkv, sinks, bq, bk, B=2, N=
 
 
 # ---------------------------------------------------------------------------
-# Default suite: two fixed multi-block cases covering every feature (~45 s).
+# Default suite: one fixed multi-block case with every feature (~30 s).
 # ---------------------------------------------------------------------------
+def test_every_feature_f32_with_nan_in_padding():
+    # Window, globals (per example, left and right padding), causal, sinks,
+    # per-head random blocks with a duplicate draw, global_qkv; NaN in padding.
+    _check_f32(_fixed_case(0, T=37, window=(5, 3), causal=True, random=True, gqkv=True,
+                           sinks=True, bq=8, bk=16), poison=True)
+
+
+@pytest.mark.slow
 def test_window_globals_padding_causal_sinks_f32_with_nan_in_padding():
     _check_f32(_fixed_case(0, T=37, window=(5, 3), causal=True, random=False, gqkv=False,
                            sinks=True, bq=8, bk=16), poison=True)
 
 
+@pytest.mark.slow
 def test_bf16_window_globals_random_global_qkv_sinks():
     _check_bf16(_fixed_case(2, T=29, window=(3, 6), causal=False, random=True, gqkv=True,
                             sinks=True, bq=16, bk=8))
@@ -260,7 +269,7 @@ def test_schedule_lists_are_sets_within_their_bound():
         rand = S.random_need(S.random_ids(draws, T, bs), -(-T // bq), bq, -(-T // bk), bk, T, bs)
         return jnp.max(jnp.sum(band, -1)), jnp.max(jnp.sum(rand, -1))
 
-    for bq, bk, left, right, bs in [(8, 24, 13, 2, 5), (16, 8, 40, 41, 1), (128, 128, 256, 256, 64)]:
+    for bq, bk, left, right, bs in [(8, 24, 13, 2, 5), (128, 128, 256, 256, 64)]:
         n_band, n_rand = most_needed(bq, bk, left, right, bs)
         assert int(n_band) <= S.band_bound(bq, bk, left, right)
         assert int(n_rand) <= S.random_bound(bq, bk, bs, 3)
