@@ -183,7 +183,9 @@ def ratios(rows: List[Dict[str, Any]]) -> str:
     for key in sorted(k for k in by if k[0] == "pallas" and k[1] == "fwdbwd"):
         _, mode, T, w, G, H = key
         pr = by[key]
-        sp = by.get(("splash", mode, T, w, G, H))
+        # Splash-local has no globals: its row at any G is the same program.
+        sp = next((r for k, r in by.items() if k[0] == "splash" and k[1:4] == (mode, T, w)
+                   and k[5] == H), None)
         xl = by.get(("xla", mode, T, w, G, H))
         a = f"{pr['temp_bytes'] / sp['temp_bytes']:.2f}x" if sp and sp["temp_bytes"] else "n/a"
         b = f"{xl['temp_bytes'] / pr['temp_bytes']:.2f}x" if xl and pr["temp_bytes"] else "n/a"
