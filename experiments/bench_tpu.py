@@ -53,7 +53,6 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     and write.
     """
     import numpy as np
-    import jax.numpy as jnp
 
     from globalattn.kernels import pallas_tpu_schedule as S
 
@@ -77,7 +76,6 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     rows["fwd"] += 2 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
     rows["bwd"] += (3 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
                     + 4 * nk * bk * H * itemsize + nk * nqg * 2 * bqg * H * itemsize)
-    del jnp
     return {k: float(v) * N for k, v in rows.items()}
 
 

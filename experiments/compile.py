@@ -17,6 +17,7 @@ if the program does not fit, 2 for a bad config or topology.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -149,7 +150,6 @@ def compile_train_step(config, topology: str, attention: str = "auto") -> Dict[s
     t0 = time.perf_counter()
     # 'auto' must pick what a TPU picks; 'xla' is what this CPU host picks anyway.
     tpu_kernels = attention != "xla"
-    import contextlib
     with (compile_for_tpu() if tpu_kernels else contextlib.nullcontext()), jax.set_mesh(mesh):
         lowered = step.jitted.lower(abstract_state, batch, rng)
     compiled = lowered.compile()

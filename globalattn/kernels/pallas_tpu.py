@@ -12,7 +12,8 @@ Two calls of one block-sparse flash-attention primitive
    inside the window (already counted there) and global keys drawn by a random
    block; duplicated random draws count once because the pair mask is an OR.
 2. **Global-rows pass.** The G global query rows (``q_g`` with ``global_qkv``)
-   against every real key, written over the rows pass at their positions.
+   against every real key, written over the rows pass at their positions
+   (where a row code makes global rows attend nothing in the rows pass).
 
 Softmax is online in float32 with a custom VJP whose backward kernels recompute
 probabilities from the per-row log-sum-exp: nothing of size T x window lives in
