@@ -3,6 +3,8 @@
     python -m experiments.bench                     # the table (T = 1k..64k, 128k memory run)
     python -m experiments.bench --quick             # T = 1k, 2k only (a smoke run)
     python -m experiments.bench --seq_lens=4096,8192 --globals=64 --reps=7
+    python -m experiments.bench --tpu               # TPU programs compiled here (needs libtpu;
+                                                    # see experiments/bench_tpu.py)
 
 Prints a markdown table. Per (T, G): median wall time of the jitted forward and
 forward+backward (``jax.grad`` w.r.t. q, k, v) over ``--reps`` runs after a
@@ -172,6 +174,10 @@ def print_comm_table(seq_lens: List[int], *, window: int, N: int, H: int, B: int
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--tpu" in argv:  # compiled TPU programs, measured on this host (experiments/bench_tpu.py)
+        from experiments import bench_tpu
+        return bench_tpu.main([a for a in argv if a != "--tpu"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq_lens", default="1024,2048,4096,8192,16384,32768,65536")
     p.add_argument("--globals", default="1,16,64")

@@ -10,4 +10,5 @@ tests run on a CPU.
 # (see globalattn.ops.global_local); imported only when first used.
 KERNELS: dict = {
     "pallas_gpu": "globalattn.kernels.pallas_gpu:pallas_gpu_attention",
+    "pallas_tpu": "globalattn.kernels.pallas_tpu:pallas_tpu_attention",
 }

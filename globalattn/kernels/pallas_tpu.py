@@ -1,0 +1,353 @@
+"""``implementation='pallas_tpu'``: fused global + local attention for TPU (Pallas / Mosaic).
+
+Two calls of one block-sparse flash-attention primitive
+(:func:`globalattn.kernels.pallas_tpu_kernels.attend`):
+
+1. **Rows pass.** All T query rows against ``[K_globals ; K]``: the G global
+   keys of each example gathered into ``ceil(G / block_k)`` dense key blocks in
+   front of the sequence, so scattered globals cost a few blocks rather than a
+   column of blocks each. Each query block visits the global blocks, its window
+   band and the key blocks of its BigBird random blocks (a scalar-prefetched
+   list). Per-key codes exclude padding, empty global slots, global keys
+   inside the window (already counted there) and global keys drawn by a random
+   block; duplicated random draws count once because the pair mask is an OR.
+2. **Global-rows pass.** The G global query rows (``q_g`` with ``global_qkv``)
+   against every real key, written over the rows pass at their positions
+   (where a row code makes global rows attend nothing in the rows pass).
+
+Softmax is online in float32 with a custom VJP whose backward kernels recompute
+probabilities from the per-row log-sum-exp: nothing of size T x window lives in
+HBM. On a backend other than TPU the same kernels run in Pallas interpret mode.
+
+Cost per head: rows pass ``T * (G_blocks + window_blocks + random_blocks) *
+block_k`` scores; global-rows pass ``G * T``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+
+from globalattn.kernels import pallas_tpu_schedule as S
+from globalattn.kernels.pallas_tpu_kernels import Config, attend
+from globalattn.ops.dense import gather_global_positions
+
+Array = jax.Array
+
+__all__ = ["pallas_tpu_attention", "default_block", "compile_for_tpu"]
+
+# Set by compile_for_tpu(): lower to Mosaic although the default backend is not a TPU.
+_FORCE_MOSAIC = [False]
+
+
+@contextlib.contextmanager
+def compile_for_tpu() -> Iterator[None]:
+    """Traces inside lower the kernel for TPU (Mosaic) from a host without one.
+
+    For ahead-of-time compilation against ``jax.experimental.topologies``
+    devices: ``implementation='auto'`` picks ``'pallas_tpu'`` (as on a TPU
+    backend) and the kernel is not interpreted. Traces only: nothing inside
+    may run on the host backend.
+    """
+    from globalattn.ops import global_local as gl  # the dispatcher's backend -> kernel table
+
+    host = jax.default_backend()
+    saved = gl.AUTO.get(host)
+    gl.AUTO[host] = gl.AUTO["tpu"]
+    _FORCE_MOSAIC[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_MOSAIC[0] = False
+        if saved is None:
+            gl.AUTO.pop(host, None)
+        else:
+            gl.AUTO[host] = saved
+
+_TPU_BLOCK = 128  # lane width: key blocks and the row statistics are lane-dense
+
+
+def default_block(seq_len: int, on_tpu: bool) -> int:
+    """Query and key block size: 128 on TPU; in interpret mode the sequence rounded up to 8, at most 128."""
+    if on_tpu:
+        return _TPU_BLOCK
+    return min(_TPU_BLOCK, S.cdiv(seq_len, 8) * 8)
+
+
+def _check_block(value: int, name: str, on_tpu: bool) -> int:
+    unit = _TPU_BLOCK if on_tpu else 8
+    if not isinstance(value, int) or value <= 0 or value % unit:
+        raise ValueError(f"{name} must be a positive multiple of {unit}"
+                         f"{' on TPU' if on_tpu else ''}, got {value!r}")
+    return value
+
+
+# Moving the G global rows in and out of token-major [B, T, N, H] arrays (where
+# XLA fuses them into the layout changes around the kernels). Autodiff of a
+# gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
+# array; positions of valid globals are distinct, so both directions are gathers.
+def _take_rows(x: Array, idx: Array) -> Array:
+    """``x[b, idx[b, l]]`` for ``x [B, T, ...]`` and ``idx [B, L]``."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+@jax.custom_vjp
+def _gather_rows(x: Array, pos: Array, slot: Array) -> Array:
+    """``x[b, pos[b, g]]`` -> ``[B, G', N, H]``; ``slot [B, T]`` = the slot of each position or -1.
+
+    Only slots named by ``slot`` receive gradient: the others (empty capacity)
+    must have zero cotangent, which holds because they are masked everywhere.
+    """
+    return _take_rows(x, pos)
+
+
+def _gather_rows_fwd(x, pos, slot):
+    return _gather_rows(x, pos, slot), (pos, slot)
+
+
+def _gather_rows_bwd(res, ct):
+    pos, slot = res
+    back = _take_rows(ct, jnp.maximum(slot, 0))
+    return jnp.where((slot >= 0)[:, :, None, None], back, jnp.zeros((), ct.dtype)), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def _overwrite_rows(x: Array, rows: Array, pos: Array, slot: Array) -> Array:
+    """``x [B, T, N, H]`` with row ``pos[b, g]`` replaced by ``rows[b, g]`` wherever ``slot`` names g.
+
+    Only for an ``x`` whose replaced rows do not depend on its inputs (the
+    rows pass, where global rows attend nothing): their cotangent is passed on.
+    """
+    src = _take_rows(rows, jnp.maximum(slot, 0))
+    return jnp.where((slot >= 0)[:, :, None, None], src.astype(x.dtype), x)
+
+
+def _overwrite_rows_fwd(x, rows, pos, slot):
+    return _overwrite_rows(x, rows, pos, slot), (pos, slot, jnp.zeros((), rows.dtype))
+
+
+def _overwrite_rows_bwd(res, ct):
+    pos, slot, rows_zero = res
+    d_rows = _take_rows(ct, jnp.minimum(pos, ct.shape[1] - 1)).astype(rows_zero.dtype)
+    # A slot without a position (empty capacity) was never written: no gradient.
+    used = _take_rows(slot, jnp.minimum(pos, slot.shape[1] - 1)) == jnp.arange(pos.shape[1])
+    d_rows = jnp.where(used[:, :, None, None], d_rows, jnp.zeros((), rows_zero.dtype))
+    # x's cotangent is ct unchanged: the rows pass gives global rows no attention
+    # (its row code), so whatever ct holds there reaches no gradient.
+    return ct, d_rows, None, None
+
+
+_overwrite_rows.defvjp(_overwrite_rows_fwd, _overwrite_rows_bwd)
+
+
+def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
+                         interpret: Any = None) -> Array:
+    """The ``'pallas_tpu'`` implementation: ``GlobalLocalArgs -> [B, T, N, H]``.
+
+    ``block_q``/``block_k`` are static tiling knobs (the result does not depend
+    on them); ``interpret`` defaults to False on TPU and True elsewhere, and may
+    be a ``pltpu.InterpretParams``.
+
+    Under a mesh with Auto axes (``jax.set_mesh``, as the training step runs)
+    the kernel is placed in a ``jax.shard_map``: a Mosaic call cannot be
+    partitioned by the compiler. Examples are split over the batch mesh axes
+    and heads over ``'model'`` where they divide; other axes see the whole
+    (replicated) operands.
+    """
+    kw = dict(block_q=block_q, block_k=block_k, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    # Every Auto axis, size 1 included: Mosaic lowers only where all axes are manual.
+    auto = [] if mesh.empty else [
+        name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+        if kind == jax.sharding.AxisType.Auto]
+    if not auto:
+        return _attention(args, **kw)
+    return _sharded(args, mesh, auto, kw)
+
+
+def _sharded(args, mesh, auto, kw) -> Array:
+    from globalattn.sharding import BATCH_MESH_AXES  # batch is split over these axes
+
+    from jax.sharding import PartitionSpec as P
+
+    B, _, N, _ = args.q.shape
+    batch, size = [], 1
+    for name in auto:
+        if name in BATCH_MESH_AXES and B % (size * mesh.shape[name]) == 0:
+            batch.append(name)
+            size *= mesh.shape[name]
+    b = tuple(batch) or None
+    h = "model" if "model" in auto and N % mesh.shape["model"] == 0 else None
+    rb = args.random_blocks
+    arrays = dict(q=args.q, k=args.k, v=args.v, padding_mask=args.padding_mask,
+                  global_mask=args.global_mask, random_blocks=rb, global_qkv=args.global_qkv,
+                  sinks=args.sinks)
+    tok, bt = P(b, None, h, None), P(b, None)
+    specs = dict(q=tok, k=tok, v=tok, padding_mask=bt, global_mask=bt,
+                 random_blocks=None if rb is None else P(b if rb.shape[0] > 1 else None,
+                                                         h if rb.shape[1] > 1 else None),
+                 global_qkv=None if args.global_qkv is None else (tok,) * 3,
+                 sinks=P(h))
+    specs = {key: val for key, val in specs.items() if arrays[key] is not None}
+    arrays = {key: val for key, val in arrays.items() if val is not None}
+
+    def body(parts):
+        return _attention(args._replace(**parts), **kw)
+    return jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=tok,
+                         axis_names=set(auto))(arrays)
+
+
+def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpret: Any) -> Array:
+    q, k, v = args.q, args.k, args.v
+    B, T, N, H = q.shape
+    on_tpu = jax.default_backend() == "tpu" or _FORCE_MOSAIC[0]
+    if interpret is None:
+        interpret = not on_tpu
+    strict = on_tpu and not interpret
+    bq = _check_block(block_q if block_q is not None else default_block(T, strict), "block_q",
+                      strict)
+    bk = _check_block(block_k if block_k is not None else default_block(T, strict), "block_k",
+                      strict)
+    Tp = S.cdiv(T, math.lcm(bq, bk)) * math.lcm(bq, bk)
+    nq, nks = Tp // bq, Tp // bk
+    left, right, causal = args.left, args.right, args.is_causal
+
+    pad = args.padding_mask
+    pad_p = jnp.pad(pad, ((0, 0), (0, Tp - T)))
+    keep = pad[:, :, None, None]
+
+    def masked(x):  # masked slots are zeroed: NaN/inf written there must reach nothing
+        return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+    def heads_first(x):  # [B, T, N, H] -> [B, N, Tp, H]
+        x = jnp.transpose(masked(x), (0, 2, 1, 3))
+        return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+
+    def heads_first_rows(x):  # [B, L, N, H] -> [B, N, L, H]
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
+    has_sinks = args.sinks is not None
+    sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
+    glob, G = args.global_mask, args.max_globals
+    has_g = glob is not None and G > 0
+
+    # ---- key slots of the rows pass: [global slots ; sequence] ----------
+    seq_pos = jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))
+    glob_p = (jnp.pad(glob, ((0, 0), (0, Tp - T))) if glob is not None
+              else jnp.zeros((B, Tp), bool))
+    seq_code = jnp.where(pad_p, jnp.where(glob_p, S.CODE_GLOBAL_TOKEN, S.CODE_TOKEN),
+                         S.CODE_INVALID)
+    rb = None
+    seq_blk = None
+    if args.random_blocks is not None:
+        rb = S.random_ids(args.random_blocks, T, args.block_size)
+        seq_blk = jnp.where(seq_pos < T, seq_pos // args.block_size, -1)
+    seq_info = S.key_info(seq_pos, seq_code, seq_blk)  # [B, 3, Tp]
+
+    ng = 0
+    k_glob = v_glob = None
+    kinfo = seq_info
+    if has_g:
+        gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
+        ng = S.cdiv(G, bk)
+        gpos_k = jnp.pad(gpos, ((0, 0), (0, ng * bk - G)))
+        gvalid_k = jnp.pad(gvalid, ((0, 0), (0, ng * bk - G)))
+        # slot[b, t]: the global slot of position t, or -1.
+        slot = jnp.full((B, T), -1, jnp.int32).at[jnp.arange(B)[:, None],
+                                                  jnp.where(gvalid, gpos, T)].set(
+            jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
+        k_glob = heads_first_rows(_gather_rows(masked(k), gpos_k, slot))  # [B, N, ng*bk, H]
+        v_glob = heads_first_rows(_gather_rows(masked(v), gpos_k, slot))
+        g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
+                            None)
+        kinfo = jnp.concatenate([g_info, seq_info], axis=2)
+
+    # ---- schedule of the rows pass ---------------------------------------
+    need_seq = S.band_need(nq, bq, nks, bk, left, right, T)[None, None]  # [1, 1, nq, nks]
+    length = S.band_bound(bq, bk, left, right)
+    t_length = S.band_bound(bk, bq, right, left)
+    qinfo, n_rand, sched_bn = None, 0, (1, 1)
+    if rb is not None:
+        n_rand = rb.shape[-1]
+        rneed = S.random_need(rb, nq, bq, nks, bk, T, args.block_size)
+        if causal:
+            rneed = rneed & S.causal_need(nq, bq, nks, bk)
+        need_seq = need_seq | rneed
+        sched_bn = rb.shape[:2]
+        qinfo = S.row_random_ids(rb, T, Tp, args.block_size)  # [B', N', r, Tp]
+        length += S.random_bound(bq, bk, args.block_size, n_rand)
+        t_length = nq  # any number of query blocks may draw one key block
+    need = need_seq
+    if has_g:
+        # A global block is needed when some example has a valid slot in it
+        # (and, causally, when its first position precedes the query block's end).
+        first = jnp.min(jnp.where(gvalid_k, gpos_k, Tp), axis=0)[::bk]  # [ng]
+        gneed = (first < Tp)[None, :] & jnp.ones((nq, 1), bool)
+        if causal:
+            gneed = gneed & (first[None, :] <= jnp.arange(nq)[:, None] * bq + bq - 1)
+        need = jnp.concatenate(
+            [jnp.broadcast_to(gneed, need_seq.shape[:2] + gneed.shape),
+             jnp.broadcast_to(need_seq, need_seq.shape[:2] + need_seq.shape[2:])], axis=-1)
+        length += ng
+    nk = need.shape[-1]
+    sched = S.lists_from_need(need, min(nk, length))
+    groups, tsched = [], []
+    if has_g:
+        groups.append((0, ng))
+        tsched.append(S.lists_from_need(jnp.swapaxes(need[..., :ng], -1, -2), nq))
+    groups.append((ng, nks))
+    tsched.append(S.lists_from_need(jnp.swapaxes(need[..., ng:], -1, -2), min(nq, t_length)))
+    if has_g:
+        # Row code: global rows attend nothing in the rows pass (the global-rows pass
+        # writes them), so their cotangent there needs no zeroing.
+        code = jnp.pad((slot >= 0).astype(jnp.int32), ((0, 0), (0, Tp - T)))[:, None, None, :]
+        if qinfo is None:
+            qinfo = code  # [B, 1, 1, Tp]
+        else:
+            lead = (B, qinfo.shape[1])
+            qinfo = jnp.concatenate([jnp.broadcast_to(code, lead + (1, Tp)),
+                                     jnp.broadcast_to(qinfo, lead + qinfo.shape[2:])], axis=2)
+    cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
+                 n_rand=n_rand, row_code=has_g, sched_bn=tuple(sched_bn),
+                 info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
+                 has_sinks=has_sinks, groups=tuple(groups), n_global_blocks=ng,
+                 interpret=interpret)
+    out = attend(cfg, qt, kt, vt, k_glob, v_glob, sinks, kinfo, qinfo, sched, tuple(tsched))
+    if not has_g:
+        return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+
+    # ---- global rows: G query rows against every real key -----------------
+    if args.global_qkv is not None:
+        q_src = args.global_qkv[0]
+        ks, vs = (heads_first(x) for x in args.global_qkv[1:])
+    else:
+        q_src, ks, vs = q, kt, vt
+    bqg = min(bq, S.cdiv(G, 8) * 8)
+    Gq = S.cdiv(G, bqg) * bqg
+    nqg = Gq // bqg
+    gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
+    gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
+    q_g = heads_first_rows(_gather_rows(masked(q_src), gpos_q, slot))  # [B, N, Gq, H]
+    row_pos = jnp.where(gvalid_q, gpos_q, -1)
+    qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
+    need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
+    if causal:
+        last = jnp.max(row_pos.reshape(B, nqg, bqg), axis=(0, 2))  # [nqg]
+        need_g = need_g & (jnp.arange(nks)[None, :] * bk <= last[:, None])
+    need_g = need_g[None, None]
+    cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
+                   n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1),
+                   has_sinks=has_sinks,
+                   groups=((0, nks),), n_global_blocks=0, interpret=interpret)
+    out_g = attend(cfg_g, q_g, ks, vs, None, None, sinks, seq_info, qinfo_g,
+                   S.lists_from_need(need_g, nks),
+                   (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
+    out = jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+    return _overwrite_rows(out, heads_first_rows(out_g), gpos_q, slot)

@@ -1,0 +1,500 @@
+"""Block-sparse flash attention in Pallas TPU (Mosaic): forward, dq and dk/dv kernels.
+
+One differentiable primitive, :func:`attend`, serves both passes of the global
++ local kernel (see :mod:`globalattn.kernels.pallas_tpu`):
+
+* rows pass: every query block against its scheduled key blocks of
+  ``[global slots ; sequence]``; the pair mask is window, global columns
+  (outside the window) and random blocks (not global, not in the window);
+* full-rows pass (``full_rows=True``): gathered global query rows against every
+  real key of the sequence.
+
+Layout is heads-first ``[B, N, T, H]``. Softmax is online in float32 with the
+row max and denominator in VMEM scratch; the only per-row residual written to
+HBM is the log-sum-exp ``[B, N, 1, Tq]``. Sinks start the running softmax at
+``(m, l) = (sink, 1)``: an extra column of value 0. The backward recomputes
+probabilities from the log-sum-exp: ``dq`` walks the forward schedule,
+``dk``/``dv`` walk the transposed one (key block -> query blocks), in groups so
+that global slots (seen by every query block) and sequence keys (seen by a
+band) get lists of their own length.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from globalattn.kernels import pallas_tpu_schedule as S
+
+Array = jax.Array
+
+_LANES = 128
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+class Config(NamedTuple):
+    """Static description of one pass (hashable: a custom_vjp non-diff argument)."""
+
+    bq: int
+    bk: int
+    left: int
+    right: int
+    causal: bool
+    full_rows: bool  # rows see every real key (global rows); qinfo row 0 is the row position
+    n_rand: int  # random ids per row in qinfo (rows pass), 0 = none
+    row_code: bool  # rows pass: qinfo row 0 flags global rows, which attend nothing here
+    sched_bn: Tuple[int, int]  # leading (B', N') of the schedules: 1 = shared
+    info_bn: Tuple[int, int]  # leading (B', N') of qinfo
+    has_sinks: bool
+    groups: Tuple[Tuple[int, int], ...]  # dk/dv key-block groups: (first block, block count)
+    n_global_blocks: int  # key blocks [0, ng) are the global slots (inputs kg, vg), the rest K
+    interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
+
+
+def _out(shape, dtype, like: Array) -> jax.ShapeDtypeStruct:
+    """An output shape that varies over the same manual (shard_map) axes as ``like``."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
+
+
+def _sel(idx: Any, n: int) -> Any:
+    return idx if n > 1 else 0
+
+
+def _flat(cfg_bn, b, n, rows, row, width, col):
+    """Flat index into a ``[B', N', rows, width]`` SMEM table."""
+    bsel, nsel = _sel(b, cfg_bn[0]), _sel(n, cfg_bn[1])
+    return ((bsel * cfg_bn[1] + nsel) * rows + row) * width + col
+
+
+def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand, qglob=None):
+    """The exact pair mask; all arguments broadcast to one 2-D block."""
+    valid = kcode != S.CODE_INVALID
+    if qglob is not None:  # a global row gets its attention from the global-rows pass
+        valid = valid & (qglob == 0)
+    if cfg.full_rows:
+        ok = valid
+    else:
+        rel = kpos - qpos
+        in_win = (rel >= -cfg.left) & (rel <= cfg.right)
+        seq_ok = in_win
+        if qrand:
+            hit = qrand[0] == kblk
+            for t in qrand[1:]:
+                hit = hit | (t == kblk)
+            seq_ok = seq_ok | (hit & (kcode != S.CODE_GLOBAL_TOKEN))
+        # Boolean algebra rather than a select of booleans (Mosaic cannot relayout i1 selects).
+        gslot = kcode == S.CODE_GLOBAL_SLOT
+        ok = valid & ((gslot & jnp.logical_not(in_win)) | (jnp.logical_not(gslot) & seq_ok))
+    if cfg.causal:
+        ok = ok & (kpos <= qpos)
+    return ok
+
+
+def _row_info(cfg: Config, qinfo_ref, i, shape, rows_axis: int):
+    """Row positions, random ids and global-row flags, oriented along ``rows_axis`` of a 2-D block."""
+    bq = cfg.bq
+
+    def orient(x):  # a row of bq values from the qinfo block -> broadcastable vector
+        return jnp.expand_dims(x, -1) if rows_axis == 0 else x[None, :]
+
+    if cfg.full_rows:
+        return orient(qinfo_ref[0]), [], None
+    qpos = i * bq + lax.broadcasted_iota(jnp.int32, shape, rows_axis)
+    first = 1 if cfg.row_code else 0
+    qrand = [orient(qinfo_ref[first + t]) for t in range(cfg.n_rand)]
+    return qpos, qrand, orient(qinfo_ref[0]) if cfg.row_code else None
+
+
+def _key_info(kinfo_ref, keys_axis: int):
+    def orient(x):
+        return x[None, :] if keys_axis == 1 else jnp.expand_dims(x, -1)
+    return orient(kinfo_ref[0]), orient(kinfo_ref[1]), orient(kinfo_ref[2])
+
+
+def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globals=False):
+    refs = list(refs)
+    fixed, rest = refs[:n_fixed], refs[n_fixed:]
+    if with_globals and cfg.n_global_blocks:
+        fixed += [rest.pop(0), rest.pop(0)]
+    qinfo = rest.pop(0) if (cfg.full_rows or cfg.n_rand or cfg.row_code) else None
+    sinks = rest.pop(0) if (with_sinks and cfg.has_sinks) else None
+    return fixed, qinfo, sinks, rest
+
+
+def _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, seq_refs, glob_refs):
+    """Runs ``step`` on the global-slot or the sequence block that list entry j names."""
+    live = j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nq, i)]
+    if not cfg.n_global_blocks:
+        pl.when(live)(lambda: step(*seq_refs))
+        return
+    is_glob = ids_ref[_flat(cfg.sched_bn, b, n, nq, i, L, j)] < cfg.n_global_blocks
+    pl.when(live & is_glob)(lambda: step(*glob_refs))
+    pl.when(live & jnp.logical_not(is_glob))(lambda: step(*seq_refs))
+
+
+def _kv_specs(cfg: Config, nq: int, L: int, H: int):
+    """BlockSpecs of (K, V) and, with globals, (K_glob, V_glob) along the forward lists.
+
+    The sequence inputs follow ``kseq`` (the list with global entries replaced
+    by the row's first sequence block) and the global inputs ``kglob`` (sequence
+    entries replaced by the last global block), so neither refetches a block
+    while the other one is in use.
+    """
+    sb, bk = cfg.sched_bn, cfg.bk
+
+    def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref):
+        return (b, n, kseq_ref[_flat(sb, b, n, nq, i, L, j)], 0)
+
+    def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref):
+        return (b, n, kglob_ref[_flat(sb, b, n, nq, i, L, j)], 0)
+
+    seq = [pl.BlockSpec((None, None, bk, H), seq_map)] * 2
+    glob = [pl.BlockSpec((None, None, bk, H), glob_map)] * 2 if cfg.n_global_blocks else []
+    return seq, glob
+
+
+def split_lists(ids: Array, n_global_blocks: int) -> Tuple[Array, Array]:
+    """Per-input block lists from a forward list over ``[global slots ; sequence]`` blocks."""
+    ng = n_global_blocks
+    is_seq = ids >= ng
+    first_seq = jnp.min(jnp.where(is_seq, ids, jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
+    first_seq = jnp.where(first_seq == jnp.iinfo(jnp.int32).max, ng, first_seq)
+    kseq = jnp.where(is_seq, ids, first_seq) - ng
+    last_glob = jnp.max(jnp.where(is_seq, -1, ids), axis=-1, keepdims=True)
+    kglob = jnp.where(is_seq, jnp.maximum(last_glob, 0), ids)
+    return kseq.astype(jnp.int32), kglob.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Forward.
+# ---------------------------------------------------------------------------
+def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
+                scale: float):
+    fixed, qinfo_ref, sinks_ref, rest = _split(cfg, refs, 4, with_sinks=True, with_globals=True)
+    q_ref, k_ref, v_ref, kinfo_ref = fixed[:4]
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
+    b, n, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        if cfg.has_sinks:
+            m_ref[...] = jnp.full(m_ref.shape, sinks_ref[n], jnp.float32)
+            l_ref[...] = jnp.ones(l_ref.shape, jnp.float32)
+        else:
+            m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+            l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(k_ref, v_ref):
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, s.shape, 0)
+        kpos, kcode, kblk = _key_info(kinfo_ref, 1)
+        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), s, -jnp.inf)
+        m_prev = m_ref[...][:, :1]
+        l_prev = l_ref[...][:, :1]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        # An empty row so far keeps m = -inf: shift by 0 so exp gives exact zeros.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m_prev - m_safe)
+        p = jnp.exp(s - m_safe)
+        l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha * acc_ref[...] + pv
+        m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
+        l_ref[...] = jnp.broadcast_to(l_new, l_ref.shape)
+
+    _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[4:])
+
+    @pl.when(j == L - 1)
+    def _finish():
+        l = l_ref[...][:, :1]
+        has = l > 0
+        o_ref[...] = (acc_ref[...] / jnp.where(has, l, 1.0)).astype(o_ref.dtype)
+        # +inf for an empty row: its probabilities exp(s - lse) are 0 in the backward.
+        lse = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l_ref[...], 1.0)), jnp.inf)
+        lse_ref[...] = jnp.transpose(lse)[:1, :]  # column -> lane-dense row
+
+
+def _common_specs(cfg: Config, qinfo, sinks, q_block_of, spec_batch_head):
+    """BlockSpecs of the optional qinfo and sinks inputs."""
+    specs, args = [], []
+    if qinfo is not None:
+        ib, inn = cfg.info_bn
+        rows = qinfo.shape[2]
+
+        def qinfo_map(*idx):
+            b, n, qb = q_block_of(*idx)
+            return (_sel(b, ib), _sel(n, inn), 0, qb)
+        specs.append(pl.BlockSpec((None, None, rows, cfg.bq), qinfo_map))
+        args.append(qinfo)
+    if sinks is not None:
+        specs.append(pl.BlockSpec(memory_space=pltpu.MemorySpace.SMEM))
+        args.append(sinks)
+    return specs, args
+
+
+def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt):
+    B, N, Tq, H = q.shape
+    bq, bk = cfg.bq, cfg.bk
+    nq, L = ids.shape[-2], ids.shape[-1]
+    scale = 1.0 / math.sqrt(H)
+    sb = cfg.sched_bn
+
+    def kinfo_map(b, n, i, j, ids_ref, *_):
+        return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
+
+    def qmap(b, n, i, j, *_):
+        return (b, n, i, 0)
+
+    extra_specs, extra = _common_specs(cfg, qinfo, sinks if cfg.has_sinks else None,
+                                       lambda b, n, i, j, *_: (b, n, i), None)
+    seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
+    in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
+                + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs)
+    glob_args = [kg, vg] if cfg.n_global_blocks else []
+    out_specs = [pl.BlockSpec((None, None, bq, H), qmap),
+                 pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=4, grid=(B, N, nq, L), in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
+                        pltpu.VMEM((bq, _LANES), jnp.float32),
+                        pltpu.VMEM((bq, H), jnp.float32)])
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, nq=nq, L=L, scale=scale)
+    isz = q.dtype.itemsize
+    cost = pl.CostEstimate(flops=4 * B * N * nq * L * bq * bk * H,
+                           transcendentals=B * N * nq * L * bq * bk,
+                           bytes_accessed=isz * B * N * (2 * Tq * H + 2 * nq * L * bk * H))
+    out, lse = pl.pallas_call(
+        kernel, grid_spec=grid_spec,
+        out_shape=[_out((B, N, Tq, H), q.dtype, q), _out((B, N, 1, Tq), jnp.float32, q)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=cost, interpret=cfg.interpret, name="global_local_fwd",
+    )(ids.reshape(-1), cnt.reshape(-1), *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks)),
+      q, k, v, kinfo, *glob_args, *extra)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------
+# Backward: dq along the forward schedule.
+# ---------------------------------------------------------------------------
+def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
+               scale: float):
+    fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
+    q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref = fixed[:7]
+    dq_ref, acc_ref = rest
+    b, n, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(k_ref, v_ref):
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, s.shape, 0)
+        kpos, kcode, kblk = _key_info(kinfo_ref, 1)
+        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), s, -jnp.inf)
+        p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
+        acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+                                        preferred_element_type=jnp.float32)
+
+    _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[7:])
+
+    @pl.when(j == L - 1)
+    def _finish():
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do):
+    B, N, Tq, H = q.shape
+    bq, bk = cfg.bq, cfg.bk
+    nq, L = ids.shape[-2], ids.shape[-1]
+    sb = cfg.sched_bn
+
+    def kinfo_map(b, n, i, j, ids_ref, *_):
+        return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
+
+    def qmap(b, n, i, j, *_):
+        return (b, n, i, 0)
+
+    def rowmap(b, n, i, j, *_):
+        return (b, n, 0, i)
+
+    extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i), None)
+    seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
+    in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
+                + [pl.BlockSpec((None, 3, bk), kinfo_map),
+                   pl.BlockSpec((None, None, 1, bq), rowmap),
+                   pl.BlockSpec((None, None, 1, bq), rowmap),
+                   pl.BlockSpec((None, None, bq, H), qmap)] + glob_specs + extra_specs)
+    glob_args = [kg, vg] if cfg.n_global_blocks else []
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=4, grid=(B, N, nq, L), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, bq, H), qmap),
+        scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)])
+    kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L, scale=1.0 / math.sqrt(H))
+    isz = q.dtype.itemsize
+    cost = pl.CostEstimate(flops=6 * B * N * nq * L * bq * bk * H,
+                           transcendentals=B * N * nq * L * bq * bk,
+                           bytes_accessed=isz * B * N * (3 * Tq * H + 2 * nq * L * bk * H))
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=_out(q.shape, q.dtype, q),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=cost, interpret=cfg.interpret, name="global_local_dq",
+    )(ids.reshape(-1), cnt.reshape(-1), *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks)),
+      q, k, v, kinfo, lse, di, do, *glob_args, *extra)
+
+
+# ---------------------------------------------------------------------------
+# Backward: dk, dv along the transposed schedule, one call per key group.
+# ---------------------------------------------------------------------------
+def _dkv_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nkg: int, Lt: int, first: int,
+                scale: float):
+    (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
+        cfg, refs, 7)
+    dk_ref, dv_ref, dk_acc, dv_acc = rest
+    b, n, kb, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    @pl.when(j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nkg, kb)])
+    def _step():
+        i = ids_ref[_flat(cfg.sched_bn, b, n, nkg, kb, Lt, j)]  # the query block
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale  # [bk, bq]
+        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, st.shape, 1)
+        kpos, kcode, kblk = _key_info(kinfo_ref, 0)
+        st = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), st, -jnp.inf)
+        pt = jnp.exp(st - lse_ref[...])
+        dv_acc[...] += lax.dot_general(pt.astype(do.dtype), do, _NN,
+                                       preferred_element_type=jnp.float32)
+        dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+        dst = pt * (dpt - di_ref[...])
+        dk_acc[...] += lax.dot_general(dst.astype(q.dtype), q, _NN,
+                                       preferred_element_type=jnp.float32)
+
+    @pl.when(j == Lt - 1)
+    def _finish():
+        dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do):
+    B, N, Tq, H = q.shape
+    bq, bk = cfg.bq, cfg.bk
+    nkg, Lt = ids.shape[-2], ids.shape[-1]
+    sb = cfg.sched_bn
+
+    def qb_of(b, n, kb, j, ids_ref, cnt_ref):
+        return ids_ref[_flat(sb, b, n, nkg, kb, Lt, j)]
+
+    def qmap(b, n, kb, j, ids_ref, cnt_ref):
+        return (b, n, qb_of(b, n, kb, j, ids_ref, cnt_ref), 0)
+
+    def rowmap(b, n, kb, j, ids_ref, cnt_ref):
+        return (b, n, 0, qb_of(b, n, kb, j, ids_ref, cnt_ref))
+
+    def kmap(b, n, kb, j, *_):  # k, v hold this group's blocks only
+        return (b, n, kb, 0)
+
+    def kinfo_map(b, n, kb, j, *_):
+        return (b, 0, kb + first)
+
+    def info_q(b, n, kb, j, ids_ref, cnt_ref):
+        return (b, n, qb_of(b, n, kb, j, ids_ref, cnt_ref))
+
+    extra_specs, extra = _common_specs(cfg, qinfo, None, info_q, None)
+    in_specs = [pl.BlockSpec((None, None, bq, H), qmap),
+                pl.BlockSpec((None, None, bk, H), kmap),
+                pl.BlockSpec((None, None, bk, H), kmap),
+                pl.BlockSpec((None, 3, bk), kinfo_map),
+                pl.BlockSpec((None, None, 1, bq), rowmap),
+                pl.BlockSpec((None, None, 1, bq), rowmap),
+                pl.BlockSpec((None, None, bq, H), qmap)] + extra_specs
+    out_map = lambda b, n, kb, j, *_: (b, n, kb, 0)  # noqa: E731
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(B, N, nkg, Lt), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, bk, H), out_map)] * 2,
+        scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)])
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt, first=first,
+                               scale=1.0 / math.sqrt(H))
+    isz = q.dtype.itemsize
+    cost = pl.CostEstimate(flops=8 * B * N * nkg * Lt * bq * bk * H,
+                           transcendentals=B * N * nkg * Lt * bq * bk,
+                           bytes_accessed=isz * B * N * (4 * nkg * bk * H + 2 * nkg * Lt * bq * H))
+    shape = (B, N, nkg * bk, H)
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec,
+        out_shape=[_out(shape, k.dtype, k), _out(shape, v.dtype, k)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
+    )(ids.reshape(-1), cnt.reshape(-1), q, k, v, kinfo, lse, di, do, *extra)
+
+
+# ---------------------------------------------------------------------------
+# The differentiable primitive.
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attend(cfg: Config, q: Array, k: Array, v: Array, kg: Optional[Array], vg: Optional[Array],
+           sinks: Array, kinfo: Array, qinfo: Optional[Array], sched: Tuple[Array, Array],
+           tsched: Tuple) -> Array:
+    """Block-sparse attention of ``q [B, N, Tq, H]`` to ``k, v [B, N, S, H]``.
+
+    ``kinfo [B, 3, S]`` (see :func:`pallas_tpu_schedule.key_info`), ``qinfo``
+    ``[B', N', R, Tq]`` or None, ``kg, vg [B, N, ng * bk, H]`` the global
+    slots (key blocks ``[0, ng)`` of the lists; None when ng = 0) and ``k, v``
+    the sequence (blocks ``ng..``), ``sched = (ids, count)`` the forward block
+    lists, ``tsched`` one ``(ids, count)`` per entry of ``cfg.groups``,
+    ``sinks [N]`` float32 (ignored unless ``cfg.has_sinks``). Differentiable
+    in q, k, v, kg, vg and sinks. Returns ``[B, N, Tq, H]``.
+    """
+    return _forward(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, *sched)[0]
+
+
+def _attend_fwd(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched):
+    out, lse = _forward(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, *sched)
+    return out, (q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched, out, lse)
+
+
+def _attend_bwd(cfg, res, do):
+    q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched, out, lse = res
+    di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
+    dq = _backward_dq(cfg, q, k, v, kg, vg, kinfo, qinfo, *sched, lse, di, do)
+    grads = []
+    for (first, _), (ids, cnt) in zip(cfg.groups, tsched):
+        kk, vv = (kg, vg) if first < cfg.n_global_blocks else (k, v)
+        grads.append(_backward_dkv(cfg, first, q, kk, vv, kinfo, qinfo, ids, cnt, lse, di, do))
+    dk, dv = grads[-1]
+    dkg, dvg = grads[0] if cfg.n_global_blocks else (None, None)
+    if cfg.has_sinks:
+        # d/d sink of an extra column with value 0: -p_sink * (do . out) per row.
+        p_sink = jnp.exp(sinks[None, :, None] - lse[:, :, 0, :])
+        dsinks = -jnp.sum(p_sink * di[:, :, 0, :], axis=(0, 2))
+    else:
+        dsinks = jnp.zeros_like(sinks)
+    # Inside shard_map, sinks replicated over axes that the rows vary over get
+    # the sum of every shard's gradient (the transpose of that broadcast).
+    spread = tuple(sorted(jax.typeof(dsinks).mat.varying - jax.typeof(sinks).mat.varying))
+    if spread:
+        dsinks = lax.psum(dsinks, spread)
+    none = lambda t: jax.tree.map(lambda _: None, t)  # noqa: E731
+    return dq, dk, dv, dkg, dvg, dsinks, None, none(qinfo), none(sched), none(tsched)
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)

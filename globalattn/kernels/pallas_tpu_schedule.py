@@ -1,0 +1,127 @@
+"""Block schedules and per-key codes of the Pallas TPU global + local kernel.
+
+The kernel (:mod:`globalattn.kernels.pallas_tpu_kernels`) attends query blocks
+of ``bq`` rows to key blocks of ``bk`` keys. Which key blocks a query block
+visits is data-dependent (globals, random blocks), so it is a list per query
+block, scalar-prefetched into SMEM: ``ids[..., row, :L]`` with ``count[..., row]``
+valid entries. Entries past the count repeat the last valid id so the pipeline
+issues no new copy for the skipped grid steps.
+
+A schedule is only a superset of the blocks that hold an allowed pair: the
+kernel recomputes the exact pair mask inside every block from the key codes
+below, so visiting one block too many costs time, never correctness. Visiting a
+block twice would count its keys twice; the lists are built from a boolean
+``need[row, col]`` matrix, so every id appears at most once.
+
+Key codes (one int32 per key slot, :data:`CODE_*`): 0 = invalid (padding or an
+empty global slot), 1 = a real non-global token, 2 = a real global token in the
+sequence (attended through its global slot, or its window), 3 = a global slot
+(the dense block of gathered global keys in front of the sequence).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+CODE_INVALID, CODE_TOKEN, CODE_GLOBAL_TOKEN, CODE_GLOBAL_SLOT = 0, 1, 2, 3
+# Random-block id that never matches a key's block (out-of-range draws select nothing).
+NO_BLOCK = -2
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def lists_from_need(need: Array, length: int) -> Tuple[Array, Array]:
+    """Compact each row of a bool ``[..., R, C]`` matrix into a block list.
+
+    Returns ``(ids [..., R, length] int32, count [..., R] int32)``: the True
+    columns of each row in ascending order, then the last of them repeated.
+    ``length`` must be >= every row's count (callers pass a proven bound);
+    rows with no True column get count 0 and ids 0.
+    """
+    if length > need.shape[-1]:
+        raise ValueError(f"list length {length} exceeds the {need.shape[-1]} columns")
+    order = jnp.argsort(~need, axis=-1, stable=True)[..., :length].astype(jnp.int32)
+    count = jnp.sum(need, axis=-1, dtype=jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    ids = jnp.where(jnp.arange(length) < count[..., None], order, last)
+    return ids, count
+
+
+def band_need(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int) -> Array:
+    """``[nq, nk]``: key block kb holds a key in the window of some row of query block qb."""
+    qb = jnp.arange(nq)[:, None]
+    kb = jnp.arange(nk)[None, :]
+    lo = qb * bq - left
+    hi = qb * bq + bq - 1 + right
+    return (kb * bk <= hi) & (kb * bk + bk - 1 >= lo) & (kb * bk < T) & (qb * bq < T)
+
+
+def band_bound(bq: int, bk: int, left: int, right: int) -> int:
+    """Most key blocks of size bk that a window band of a bq-row block can touch."""
+    return cdiv(bq + left + right, bk) + 1
+
+
+def _overlap(n_outer: int, b_outer: int, n_inner: int, b_inner: int, T: int) -> Array:
+    """``[n_outer, n_inner]`` float: block o (size b_outer) overlaps block i (size b_inner) below T."""
+    o = jnp.arange(n_outer)[:, None]
+    i = jnp.arange(n_inner)[None, :]
+    hit = (i * b_inner <= o * b_outer + b_outer - 1) & (i * b_inner + b_inner - 1 >= o * b_outer)
+    return (hit & (i * b_inner < T) & (o * b_outer < T)).astype(jnp.float32)
+
+
+def random_ids(random_blocks: Array, T: int, block_size: int) -> Array:
+    """``[B', N', nbr, r]`` random block ids with every out-of-range id replaced by NO_BLOCK."""
+    nbr = cdiv(T, block_size)
+    rb = random_blocks.astype(jnp.int32)
+    return jnp.where((rb >= 0) & (rb < nbr), rb, NO_BLOCK)
+
+
+def random_need(rb: Array, nq: int, bq: int, nk: int, bk: int, T: int, block_size: int) -> Array:
+    """``[B', N', nq, nk]``: key block kb holds a key of a random block of some row of qb.
+
+    ``rb`` from :func:`random_ids`. Exact at block granularity: a query-block /
+    key-block pair is needed iff a random query block overlapping qb drew a
+    random key block overlapping kb.
+    """
+    nbr = cdiv(T, block_size)
+    hit = jnp.any(rb[..., None] == jnp.arange(nbr), axis=-2).astype(jnp.float32)  # [B',N',c,d]
+    aq = _overlap(nq, bq, nbr, block_size, T)  # [nq, nbr]
+    ak = _overlap(nk, bk, nbr, block_size, T)  # [nk, nbr]
+    return jnp.einsum("qc,bncd,kd->bnqk", aq, hit, ak) > 0
+
+
+def random_bound(bq: int, bk: int, block_size: int, r: int) -> int:
+    """Most key blocks the random blocks of one query block can touch."""
+    per_q = cdiv(bq - 1, block_size) + 1  # random query blocks overlapping a kernel block
+    per_k = cdiv(block_size - 1, bk) + 1  # kernel key blocks overlapping a random block
+    return per_q * r * per_k
+
+
+def causal_need(nq: int, bq: int, nk: int, bk: int) -> Array:
+    """``[nq, nk]``: some key of kb is at or before the last row of qb."""
+    return jnp.arange(nk)[None, :] * bk <= jnp.arange(nq)[:, None] * bq + bq - 1
+
+
+def row_random_ids(rb: Array, T: int, Tp: int, block_size: int) -> Array:
+    """``[B', N', r, Tp]``: for every query row i its random block ids (row layout for the kernel).
+
+    Rows at or past T get NO_BLOCK.
+    """
+    rows = jnp.arange(Tp)
+    blk = jnp.minimum(rows // block_size, rb.shape[2] - 1)
+    per_row = rb[:, :, blk, :]  # [B', N', Tp, r]
+    per_row = jnp.where((rows < T)[:, None], per_row, NO_BLOCK)
+    return jnp.swapaxes(per_row, -1, -2)
+
+
+def key_info(pos: Array, code: Array, blk: Optional[Array]) -> Array:
+    """``[B, 3, S]`` int32 rows (position, code, random block id) of every key slot."""
+    if blk is None:
+        blk = jnp.full(pos.shape, -1, jnp.int32)
+    return jnp.stack([pos, code, blk], axis=1).astype(jnp.int32)
