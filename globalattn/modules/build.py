@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from globalattn.modules.encoder import SCHEDULES, Encoder, schedule_period
+from globalattn.modules.lm import CausalLM
 from globalattn.modules.heads import (HEADS, POOLINGS, ClassifyHead, LMHead, SpanHead,
                                       TokenHead)
 from globalattn.modules.model import Embedder, GlobalTokenModel
@@ -23,14 +24,14 @@ from globalattn.modules.strategies import RANDOM_POLICIES, STRATEGIES, GlobalStr
 
 __all__ = ["default_model_config", "build_model", "build_strategy", "ARCHS", "DTYPES"]
 
-ARCHS = ("encoder", "perceiver")
+ARCHS = ("encoder", "perceiver", "lm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def default_model_config() -> ml_collections.ConfigDict:
     """Every model field with its default; locked, so a misspelt override fails."""
     c = ml_collections.ConfigDict()
-    c.arch = "encoder"  # 'encoder' | 'perceiver'
+    c.arch = "encoder"  # 'encoder' | 'perceiver' | 'lm' (CausalLM: RoPE, sinks, streaming)
     c.vocab_size = 256
     c.max_len = 128  # learned absolute positions of data tokens
     c.rope = False  # also rotary (relative) positions in every encoder attention layer
@@ -68,6 +69,12 @@ def default_model_config() -> ml_collections.ConfigDict:
     s.drop_output = True  # extra: encode() returns data positions only
     s.sink_logits = False  # sinks: also a learned per-head sink logit in every layer
     c.strategy = s
+
+    lm = ml_collections.ConfigDict()  # arch='lm' only (globalattn.modules.lm.CausalLM)
+    lm.num_sink_tokens = 0  # learned sink tokens prepended to every sequence / stream
+    lm.sink_logits = "none"  # 'none' | 'learned' | 'zero' (softmax-one)
+    lm.rope_base = 10000.0
+    c.lm = lm
 
     p = ml_collections.ConfigDict()
     p.num_latents = 32  # capacity; num_active_globals selects how many are active
@@ -172,6 +179,23 @@ def _head(c, dtype, param_dtype) -> nn.Module:
     return LMHead(c.vocab_size, **kw)
 
 
+def _causal_lm(c, dtype, param_dtype) -> CausalLM:
+    """arch='lm': attention_schedule 'full' is dense causal attention; 'global_local' a
+    causal window of ``window`` keys back (W = window + 1 tokens with the query's own)."""
+    if c.head != "lm":
+        raise ValueError(f"arch='lm' needs head='lm', got head={c.head!r}")
+    schedule = _choice(c, "attention_schedule", ("full", "global_local"))
+    model = CausalLM(
+        vocab_size=c.vocab_size, d_model=c.d_model, num_heads=c.num_heads,
+        num_layers=c.num_layers, mlp_dim=c.mlp_dim,
+        window=None if schedule == "full" else c.window + 1,
+        num_sink_tokens=_int(c.lm, "num_sink_tokens", 0), sink_logits=c.lm.sink_logits,
+        rope_base=float(c.lm.rope_base), dropout_rate=c.dropout, dtype=dtype,
+        param_dtype=param_dtype)
+    model._check()  # a bad field fails here, not at the first apply
+    return model
+
+
 def build_model(model_cfg: Any) -> nn.Module:
     """An unbound Linen model from a (full or partial) model config.
 
@@ -196,6 +220,8 @@ def build_model(model_cfg: Any) -> nn.Module:
     head_type = _choice(c, "head", HEADS)
     if head_type == "lm" and not c.causal:
         raise ValueError("head='lm' needs causal=True (otherwise every token sees its target)")
+    if arch == "lm":
+        return _causal_lm(c, dtype, param_dtype)
     head = _head(c, dtype, param_dtype)
     embedder = Embedder(c.vocab_size, c.max_len, c.d_model, c.num_segments, dtype, param_dtype)
 
