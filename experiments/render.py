@@ -178,7 +178,7 @@ def render(result: dict[str, Any], out_dir: str) -> str:
     body = result["template"].strip("\n").format(v=_tolerant(result.get("values", {})),
                                                 c=_tolerant(result.get("config", {})),
                                                 tables=tables)
-    md = "\n".join(_header(result)) + body + "\n"
+    md = "\n".join(_header(result)) + "\n" + body + "\n"
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{result['name']}.md"), "w") as f:
         f.write(md)

@@ -51,6 +51,17 @@ def _task_values(config) -> dict[str, Any]:
     return out
 
 
+def table_values(module, config) -> dict[str, Any]:
+    """What a training table's prose quotes besides its rows: the task, the config's EXTRA."""
+    values: dict[str, Any] = {"task": _task_values(config)}
+    for extra in getattr(module, "EXTRA", ()):
+        values[extra] = EXTRAS[extra](config)
+    if "majority" in values:  # the prose and figure quote it in percent
+        for split in ("validation", "test"):
+            values[f"majority_{split}_pct"] = 100 * values["majority"][split]
+    return values
+
+
 def train_sweep(module, arg: str | None, *, workdir: str, data_dir: str | None
                 ) -> dict[str, Any]:
     """Trains every sweep entry from scratch; one row per variant (seeds grouped).
@@ -68,13 +79,8 @@ def train_sweep(module, arg: str | None, *, workdir: str, data_dir: str | None
     fresh = not data_lib.get_builder(config.data.name, config.data.config,
                                      config.data.data_dir).is_prepared()
     data_lib.prepare(config.data.name, config.data.config, config.data.data_dir)
-    values: dict[str, Any] = {"data_s": time.perf_counter() - t0, "data_fresh": fresh,
-                              "task": _task_values(config)}
-    for extra in getattr(module, "EXTRA", ()):
-        values[extra] = EXTRAS[extra](config)
-    if "majority" in values:  # the prose and figure quote it in percent
-        for split in ("validation", "test"):
-            values[f"majority_{split}_pct"] = 100 * values["majority"][split]
+    values = {"data_s": time.perf_counter() - t0, "data_fresh": fresh,
+              **table_values(module, config)}
     rows: dict[str, dict[str, Any]] = {}
     for name, cfg in runs:
         variant = name.split("/")[0]
@@ -104,7 +110,11 @@ def train_sweep(module, arg: str | None, *, workdir: str, data_dir: str | None
         for split in ("validation", "test"):
             r[split].append(result.get(f"{split}/accuracy"))
         r["wall_time_s"].append(result["wall_time_s"])
-    rows_list = list(rows.values())
+    return sweep_result(module, list(rows.values()), values)
+
+
+def sweep_result(module, rows_list: list[dict], values: dict[str, Any]) -> dict[str, Any]:
+    """The table JSON of a trained sweep: its rows, per-row values, results table, figure."""
     values["test"] = {r["variant"]: 100 * _mean(r["test"]) for r in rows_list}
     values["validation"] = {r["variant"]: 100 * _mean(r["validation"]) for r in rows_list}
     values["params"] = {r["variant"]: r["params"] for r in rows_list}
@@ -121,7 +131,7 @@ def train_sweep(module, arg: str | None, *, workdir: str, data_dir: str | None
          r["params"], r["validation"], r["test"], r["steps"], _mean(r["wall_time_s"]),
          r["mirrors"]] for r in rows_list]}
     return {"values": values, "rows": rows_list, "tables": {"results": table},
-            "figures": [_figure(module, arg, rows_list, values)]}
+            "figures": [_figure(module, rows_list, values)]}
 
 
 def _mean(xs) -> float:
@@ -129,7 +139,7 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def _figure(module, arg, rows: list[dict], values: dict) -> dict[str, Any]:
+def _figure(module, rows: list[dict], values: dict) -> dict[str, Any]:
     """The config's ``FIGURE`` (kind, reference lines) filled with the rows' test accuracy."""
     spec = dict(module.FIGURE)
     acc = [100 * _mean(r["test"]) for r in rows]
