@@ -98,6 +98,7 @@ def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
     (timing,) = out["timings"]
     assert timing["K"] == 3 and timing["vmapped_step_s"] > 0 and timing["single_step_s"] > 0
     table = (workdir / "results.md").read_text()
+    assert table.startswith("**Smoke run (") and "global_count.py:test" in table.splitlines()[0]
     assert "| tiny | 0.003 | 4 | 1 |" in table and "per-step speed-up" in table
     assert (workdir / "accuracy_vs_globals.png").stat().st_size > 1000
     assert json.loads((workdir / "results.json").read_text())["axes"]["num_active_globals"] == \
