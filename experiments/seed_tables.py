@@ -87,9 +87,11 @@ def hops(module, arg, **_) -> dict[str, Any]:
     for n, g, k in cfgs:
         if n in shown:
             d = A.distances(T, 0, **_kw(c, g, k))
-            series.append({"label": n, "x": list(range(T)), "style": "--" if k else "-",
+            # A step function: its change points (and the last position) draw it exactly.
+            xs = [0] + [i for i in range(1, T) if d[i] != d[i - 1]] + [T - 1]
+            series.append({"label": n, "x": xs, "style": "--" if k else "-",
                            "drawstyle": "steps-post", "ms": 0,
-                           "y": [None if x < 0 else int(x) for x in d]})
+                           "y": [None if d[i] < 0 else int(d[i]) for i in xs]})
     figure = {"kind": "lines", "series": series, "xlabel": "destination position",
               "ylabel": "hops from position 0", "size": [7, 4.5],
               "title": f"Hops from position 0, T = {T}, {w} keys per side"}
