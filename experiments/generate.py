@@ -1,15 +1,19 @@
-"""Stream text from a trained sinks run through a fixed-memory KV cache.
+"""Stream text from a trained causal LM through a fixed-memory KV cache.
 
-    python -m experiments.generate --workdir=/tmp/globalattn_reproduce/sinks/sink_token \\
+    python -m experiments.reproduce sinks --quick      # trains three LMs in
+                                                       # /tmp/globalattn_reproduce/sinks_quick/
+    python -m experiments.generate --workdir=/tmp/globalattn_reproduce/sinks_quick/sink_token \\
         --prompt='def main(' --num_chars=600 --temperature=0.8
 
-``--workdir`` is one variant's directory of ``python -m experiments.reproduce
-sinks`` (it holds ``config.json`` and ``params/``). The prompt is fed through
-the cache one character at a time, then characters are sampled and printed as
-they come. The cache keeps ``--initial_tokens`` sink slots (the model's learned
-sink token counts as one) and a ring of ``--cache_size`` minus that many recent
-characters, so memory stays fixed however long it runs (one jitted decode
-step, compiled once).
+``--workdir`` is the workdir of any run of a ``model.arch='lm'`` config
+(``configs/sinks.py``: one variant's directory of ``experiments.reproduce sinks``,
+or ``experiments.train --config=configs/sinks.py``); the model and parameters
+are loaded from its ``config.json`` and newest checkpoint, as a resumed run
+would. The prompt is fed through the cache one character at a time, then
+characters are sampled and printed as they come. The cache keeps
+``--initial_tokens`` sink slots (the model's learned sink tokens count among
+them) and a ring of ``--cache_size`` minus that many recent characters, so
+memory stays fixed however long it runs (one jitted decode step, compiled once).
 """
 from __future__ import annotations
 
@@ -19,15 +23,17 @@ import time
 
 import jax
 
-from experiments import sinks
-from globalattn.modules import decode
+import globalattn  # noqa: F401  (the XLA workaround before any array exists)
 from globalattn.data import charlm
+from globalattn.modules import decode
+from globalattn.modules.lm import CausalLM
+from globalattn.train.trained import load_run
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a trained sinks variant's directory")
+    parser.add_argument("--workdir", required=True, help="a trained causal LM's workdir")
     parser.add_argument("--prompt", required=True, help="text to continue (non-empty)")
     parser.add_argument("--num_chars", type=int, default=400, help="characters to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -43,10 +49,15 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"--num_chars={args.num_chars} and --temperature={args.temperature} "
                      "must be >= 0")
     try:
-        config, model, params = sinks.load_run(args.workdir)
+        config, model, params = load_run(args.workdir)
     except FileNotFoundError as err:
         parser.error(str(err))
-    cache_size = args.cache_size or config.stream.cache_size
+    if not isinstance(model, CausalLM):
+        parser.error(f"{args.workdir} holds a {type(model).__name__}, not a causal LM "
+                     "(model.arch='lm')")
+    cache_size = args.cache_size or config.get("stream", {}).get("cache_size")
+    if cache_size is None:
+        parser.error("the run's config has no stream.cache_size: pass --cache_size")
     if not 0 <= args.initial_tokens < cache_size:
         parser.error(f"--initial_tokens={args.initial_tokens} must lie in [0, cache_size="
                      f"{cache_size})")
@@ -73,4 +84,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,13 +1,15 @@
 """The README main job: a config's sweep, run one variant after another, then a table.
 
-    python -m experiments.main                      # configs/long_range.py, /tmp/globalattn_main
+    python -m experiments.main          # configs/long_range.py:main in /tmp/globalattn_main
     python -m experiments.main --config=configs/long_range.py:quick --workdir=/tmp/lr_quick
-    python -m experiments.main --config=configs/listops.py --config.num_train_steps=500
+    python -m experiments.main --config=configs/mqar.py --config.num_train_steps=500
 
 Each variant trains in ``<workdir>/<variant>`` (rerunning resumes, and a
 finished variant is only re-evaluated); ``--config.*`` overrides apply to every
-variant before the sweep's own overrides. The table is also written to
-``<workdir>/results.json``.
+variant before the sweep's own overrides. The workdir is printed at the start
+and the end; it holds ``results.json`` (the table), and per variant
+``metrics.jsonl``, ``final_metrics.json``, ``checkpoints/`` and, when
+``config.tensorboard``, TensorBoard events (``tensorboard --logdir <workdir>``).
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from globalattn import data as data_lib
 from globalattn.train.cli import parse_flags
 from globalattn.train.config import (call_sweep, load_config_module, sweep_configs,
                                      validate_config)
 from globalattn.train.loop import train_and_evaluate
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "long_range.py")
+                               "configs", "long_range.py:main")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                           "Experiment config file with a sweep().")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/globalattn_main", "Output directory.")
@@ -53,7 +56,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parse_flags(sys.argv if argv is None else argv)
+    parse_flags(sys.argv if argv is None else argv, usage=__doc__)
     path, _, arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
     runs = call_sweep(load_config_module(path), arg or None)
     if not runs:
@@ -66,10 +69,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (KeyError, TypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    workdir = os.path.abspath(_WORKDIR.value)
+    print(f"workdir: {workdir} ({len(variants)} variants of {path}{':' + arg if arg else ''})",
+          flush=True)
     rows = []
     for name, config in variants:
         print(f"\n=== {name} ===", flush=True)
-        result = train_and_evaluate(config, os.path.join(_WORKDIR.value, name))
+        result = train_and_evaluate(config, os.path.join(workdir, name))
         strategy = config.model.strategy
         rows.append({"variant": name, "strategy": strategy.name,
                      "capacity": validate_config(config).capacity,
@@ -79,10 +85,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if result["preempted"]:
             break
     table = format_table(rows)
-    print(f"\n{path}: {config.data.name}/{config.data.config}, {config.num_train_steps} steps\n")
+    meta = data_lib.task_metadata(config.data.name, config.data.config)
+    smoke = " (a smoke run: the numbers mean nothing)" if arg in ("quick", "test") else ""
+    print(f"\n{path}{':' + arg if arg else ''}: {config.data.name}/{config.data.config}, "
+          f"{config.num_train_steps} steps{smoke}\n")
     print(table)
-    with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+    if meta.num_classes:
+        print(f"\nchance level: {100 / meta.num_classes:.1f}% ({meta.num_classes} classes, "
+              "uniform guessing)")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(rows, f, indent=2, default=str)
+    print(f"\nworkdir: {workdir} (results.json; per variant metrics.jsonl, "
+          "final_metrics.json, checkpoints/)", flush=True)
     return rows
 
 

@@ -98,6 +98,7 @@ def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
     (timing,) = out["timings"]
     assert timing["K"] == 3 and timing["vmapped_step_s"] > 0 and timing["single_step_s"] > 0
     table = (workdir / "results.md").read_text()
+    assert table.startswith("**Smoke run (") and "global_count.py:test" in table.splitlines()[0]
     assert "| tiny | 0.003 | 4 | 1 |" in table and "per-step speed-up" in table
     assert (workdir / "accuracy_vs_globals.png").stat().st_size > 1000
     assert json.loads((workdir / "results.json").read_text())["axes"]["num_active_globals"] == \
@@ -121,18 +122,22 @@ def test_reproduce_global_count_quick(tmp_path):
                           "--data_dir", str(tmp_path / "tfds")])
     report = (tmp_path / "w" / "global_count.md").read_text()
     assert "python -m experiments.reproduce global_count --quick" in report
+    assert "Smoke run (`--quick`)" in report
     assert len(out["rows"]) == 6 and all(np.isfinite(r["test"]) for r in out["rows"])
     # With every pair's value position global, every query is reachable.
-    assert out["bounds"]["v64_t64_k2/4"] == 1.0 and out["bounds"]["v64_t64_k4/16"] == 1.0
-    assert 0.0 < out["bounds"]["v64_t64_k4/0"] < 1.0
+    bound = out["values"]["bound"]
+    assert bound["k2_n4"] == 100.0 and bound["k4_n16"] == 100.0
+    assert 0.0 < bound["k4_n0"] < 100.0
     assert (tmp_path / "w" / "global_count.png").exists()
+    assert (tmp_path / "w" / "global_count.json").exists()
 
 
-def test_reachable_fraction_counts_window_and_global_paths(tmp_path):
-    from experiments.global_count import reachable_fraction
+def test_reachable_queries_counts_window_and_global_paths(tmp_path):
+    from globalattn import data as data_lib
+    from globalattn.measure import reachable_queries
 
-    d = str(tmp_path / "tfds")
-    none = reachable_fraction("mqar", "tiny", "test", data_dir=d, num_globals=0, reach=0)
-    window = reachable_fraction("mqar", "tiny", "test", data_dir=d, num_globals=0, reach=4)
-    every = reachable_fraction("mqar", "tiny", "test", data_dir=d, num_globals=8, reach=0)
+    source = data_lib.data_source("mqar", "test", "tiny", str(tmp_path / "tfds"))
+    none = reachable_queries(source, num_globals=0, reach=0)
+    window = reachable_queries(source, num_globals=0, reach=4)
+    every = reachable_queries(source, num_globals=8, reach=0)
     assert none == 0.0 and 0.0 < window < 1.0 and every == 1.0  # tiny: K = 4, 2K = 8

@@ -1,10 +1,12 @@
-"""experiments/paper_tables.py: the tables' configs, their densities, and (slow) quick runs.
+"""The training tables (configs/long_range.py, strategies.py, listops.py): configs, densities.
 
-The densities the reports print are checked against a brute-force count that
-rebuilds every pattern in numpy from the strategy definitions (window, CLS,
-first, periodic, extra tokens, BigBird blocks), not through the library code
-the reports use (analytics / global_local_mask).
+The densities the reports print (:mod:`globalattn.measure`) are checked against
+a brute-force count that rebuilds every pattern in numpy from the strategy
+definitions (window, CLS, first, periodic, extra tokens, BigBird blocks), not
+through the library code the reports use (analytics / global_local_mask). The
+quick runs through ``experiments.reproduce`` are slow tests.
 """
+import json
 import math
 import os
 import re
@@ -13,12 +15,24 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import paper_tables as pt
 from globalattn import data as data_lib
+from globalattn import measure
 from globalattn.modules import build_model
-from globalattn.train.config import validate_config
+from globalattn.train.config import (apply_overrides, call_sweep, load_config_module, sweep_configs,
+                                     validate_config)
 
 NAMES = ("long_range", "strategies", "listops")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module(name: str):
+    return load_config_module(os.path.join(ROOT, "configs", f"{name}.py"))
+
+
+def _rows(name: str, quick: bool = False) -> dict:
+    """``{run name: config}`` of a table's sweep."""
+    module, arg = _module(name), "quick" if quick else None
+    return dict(sweep_configs(module.get_config(arg), call_sweep(module, arg)))
 
 
 def brute_pairs(config, mask: np.ndarray) -> np.ndarray:
@@ -78,10 +92,10 @@ def brute_pairs(config, mask: np.ndarray) -> np.ndarray:
     return np.asarray(out, np.float64)
 
 
-def _check_density(table, config, mask):
-    ref = table.ref_layers or config.model.num_layers
-    want = np.mean(brute_pairs(config, mask) / (ref * mask.sum(-1).astype(np.float64) ** 2))
-    got = pt.density(config, mask, table.ref_layers)[1]
+def _check_density(config, mask):
+    want = np.mean(brute_pairs(config, mask) / (config.model.num_layers
+                                                * mask.sum(-1).astype(np.float64) ** 2))
+    got = measure.density(config, mask)[1]
     np.testing.assert_allclose(got, want, rtol=1e-12)
     return want
 
@@ -89,79 +103,84 @@ def _check_density(table, config, mask):
 @pytest.mark.parametrize("quick", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 def test_tables_validate(name, quick):
-    table = pt.TABLES[name](quick, None)
-    names = [v.name for v in table.variants]
-    assert len(set(names)) == len(names) and table.name == name
-    for v in table.variants:
-        spec = validate_config(v.config)
-        assert v.config.is_locked and spec.seq_len > 0
-    kind = lambda n: re.sub(r"_L\d+$", "", n)  # noqa: E731  (quick long_range: 1 layer)
-    full = {kind(v.name) for v in pt.TABLES[name](False, None).variants}
-    assert {kind(n) for n in names} <= full
+    module = _module(name)
+    rows = _rows(name, quick)
+    for run, config in rows.items():
+        spec = validate_config(config)
+        assert config.is_locked and spec.seq_len > 0
+        assert run.split("/")[0] in module.LABELS  # every row is described
+    kind = lambda n: re.sub(r"_L\d+$", "", n.split("/")[0])  # noqa: E731  (quick: 1 layer)
+    assert {kind(n) for n in rows} <= {kind(n) for n in _rows(name)}
     if not quick:
-        assert table.seeds and all(v.config.num_train_steps >= 200 for v in table.variants)
+        assert all(c.num_train_steps >= 200 for c in rows.values())
+    assert module.MEASURE == "train_sweep" and "{tables[results]}" in module.REPORT
+
+
+def test_listops_config_is_the_committed_table():
+    """results/listops.md: 3 layers, 400 steps, window 8, 3 rows (the config's default)."""
+    rows = _rows("listops")
+    assert list(rows) == ["window_only", "cls_global", "full_attention"]
+    for c in rows.values():
+        assert (c.model.num_layers, c.num_train_steps, c.model.window, c.model.dropout) == \
+            (3, 400, 8, 0.0)
+    with open(os.path.join(ROOT, "results", "listops.json")) as f:
+        committed = json.load(f)
+    assert [r["variant"] for r in committed["rows"]] == list(rows)
+    assert all(r["steps"] == 400 and r["layers"] == 3 for r in committed["rows"])
 
 
 def test_long_range_window_rows_are_provably_at_chance():
-    table = pt.long_range_table()
-    rows = [v for v in table.variants if v.name.startswith("window_only")]
-    assert {v.config.model.num_layers for v in rows} == {2, 3}
-    for v in rows:
-        task = data_lib.resolve_config(v.config.data.name, v.config.data.config)
-        assert data_lib.window_cannot_solve(v.config.model.num_layers, v.config.model.window,
-                                            task)
-    for v in table.variants:  # the recipe REFERENCE.md asks of 3-layer models
-        assert v.config.optim.learning_rate <= 1e-3 and v.config.optim.warmup_steps > 0
+    rows = {n: c for n, c in _rows("long_range").items() if n.startswith("window_only")}
+    assert {c.model.num_layers for c in rows.values()} == {2, 3}
+    assert {c.seed for c in rows.values()} == {0, 1}
+    for c in rows.values():
+        task = data_lib.resolve_config(c.data.name, c.data.config)
+        assert data_lib.window_cannot_solve(c.model.num_layers, c.model.window, task)
+    for c in _rows("long_range").values():  # 3-layer models need warmup and lr <= 1e-3
+        assert c.optim.learning_rate <= 1e-3 and c.optim.warmup_steps > 0
+    main = load_config_module(os.path.join(ROOT, "configs", "long_range.py")).sweep("main")
+    assert [r["name"] for r in main] == [f"{p}_L2" for p in ("window_only", "cls_global",
+                                                             "extra_globals_4", "full_attention")]
 
 
 def test_strategies_have_equal_budget():
-    table = pt.strategies_table()
-    caps = {v.name: validate_config(v.config).capacity for v in table.variants}
+    rows = _rows("strategies")
+    caps = {n: validate_config(c).capacity for n, c in rows.items()}
     assert caps == {"window_only": 0, "first_8": 8, "periodic_8": 8, "extra_8": 8,
                     "bigbird_8": 8, "bigbird_random_window": 8, "perceiver_8": 8,
                     "full_attention": 0}
-    by = {v.name: v for v in table.variants}
-    assert by["bigbird_random_window"].config.num_active_globals == 0
+    assert rows["bigbird_random_window"].num_active_globals == 0
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_density_matches_brute_force(name):
-    table = pt.TABLES[name](False, None)
     rng = np.random.default_rng(0)
-    for v in table.variants:
-        T = validate_config(v.config).seq_len
-        if v.config.data.prepend_cls:  # variable lengths (ListOps): CLS + 100..256 tokens
+    seen = set()
+    for run, config in _rows(name).items():
+        if run.split("/")[0] in seen:  # seeds share the pattern
+            continue
+        seen.add(run.split("/")[0])
+        T = validate_config(config).seq_len
+        if config.data.prepend_cls:  # variable lengths (ListOps): CLS + 100..256 tokens
             lengths = rng.integers(102, T + 1, size=3)
             mask = np.arange(T)[None, :] < lengths[:, None]
         else:
             mask = np.ones((1, T), bool)
-        d = _check_density(table, v.config, mask)
-        assert 0 < d <= 1.0 + 1e-12 or v.name.startswith("extra")
-        if "full_attention" in v.name:
+        d = _check_density(config, mask)
+        assert 0 < d <= 1.0 + 1e-12 or run.startswith("extra")
+        if "full_attention" in run:
             assert d == 1.0
 
 
 def test_density_known_values():
     """Hand counts at T = 64, window radius 4, 2 layers (per layer: band 64*9 - 2*10)."""
-    by = {v.name: v for v in pt.long_range_table().variants}
+    by = _rows("long_range")
     ones = np.ones((1, 64), bool)
     band = 64 * 9 - 2 * (4 + 3 + 2 + 1)
-    assert pt.attention_pairs(by["window_only_L2"].config, ones)[0] == 2 * band
+    assert measure.attention_pairs(by["window_only_L2/seed0"], ones)[0] == 2 * band
     # A global CLS adds its row and column outside its own window: 2 * (64 - 5).
-    assert pt.attention_pairs(by["cls_global_L2"].config, ones)[0] == 2 * (band + 2 * 59)
-    assert pt.attention_pairs(by["full_attention_L3"].config, ones)[0] == 3 * 64 ** 2
-
-
-def test_results_table_has_one_line_per_row():
-    rows = [{"variant": f"v{i}", "label": "x", "mirrors": "-", "layers": 2, "capacity": 8,
-             "active_globals": 0 if i else 8, "pairs": 100.0, "density": 0.5, "params": 10,
-             "validation": [0.5, 0.7], "test": [0.25, 0.75], "steps": 3,
-             "wall_time_s": [1.0, 2.0]} for i in range(3)]
-    lines = pt.results_table(rows)
-    cells = [line.split(" | ") for line in lines[2:]]
-    assert [c[0] for c in cells] == ["| v0", "| v1", "| v2"]
-    assert cells[0][3] == "8" and cells[1][3] == "0 of 8"
-    assert cells[0][8] == "50.0 (25.0 / 75.0)"
+    assert measure.attention_pairs(by["cls_global_L2/seed0"], ones)[0] == 2 * (band + 2 * 59)
+    assert measure.attention_pairs(by["full_attention_L3/seed1"], ones)[0] == 3 * 64 ** 2
 
 
 def _parse_report(path: str) -> dict[str, list[str]]:
@@ -185,15 +204,20 @@ def test_quick_run_writes_a_report(name, tmp_path):
     report = os.path.join(workdir, f"{name}.md")
     assert os.path.exists(report) and os.path.exists(os.path.join(workdir, f"{name}.png"))
     with open(report) as f:
-        assert f"python -m experiments.reproduce {name} --quick" in f.read()
-    table = pt.TABLES[name](True, data_dir)
+        text = f.read()
+    assert f"python -m experiments.reproduce {name} --quick" in text
+    assert "Smoke run (`--quick`)" in text
+    with open(os.path.join(workdir, f"{name}.json")) as f:
+        assert json.load(f)["rows"] == json.loads(json.dumps(summary["rows"]))
+    rows = _rows(name, quick=True)
     parsed = _parse_report(report)
-    assert list(parsed) == [v.name for v in table.variants]
-    for v in table.variants:
-        cells = parsed[v.name]
+    assert list(parsed) == [run.split("/")[0] for run in rows]
+    for run, config in rows.items():
+        cells = parsed[run.split("/")[0]]
         for acc in cells[7:9]:
             assert math.isfinite(float(acc.split()[0]))
-        want = _check_density(table, v.config, pt.padding_masks(v.config))
+        config = apply_overrides(config, {"data.data_dir": data_dir})
+        want = _check_density(config, measure.padding_masks(config))
         assert abs(float(cells[5]) - want) <= 5e-5
     assert [r["variant"] for r in summary["rows"]] == list(parsed)
     assert all(np.isfinite(r["test"]).all() for r in summary["rows"])

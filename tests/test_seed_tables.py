@@ -1,11 +1,13 @@
-"""The four seed-article reports (experiments/seed_tables.py) in their --quick form.
+"""The four seed-article tables (configs/seed_*.py, experiments/seed_tables.py), --quick.
 
-Each report is produced through ``experiments.reproduce.main`` and its numbers
+Each report is produced through ``experiments.reproduce.main`` (JSON, then the
+renderer's markdown) and its numbers
 are checked against brute force on a dense numpy pattern written here from the
 definition (query i may attend key j iff |i - j| <= w, or i or j is global;
 and j <= i when causal): BFS for hops, boolean matrix powers for reach and
 diameters, mask sums for pair counts, a float64 softmax for the weights.
 """
+import json
 import math
 
 import numpy as np
@@ -55,10 +57,13 @@ def powers(allowed: np.ndarray, max_layers: int) -> tuple[list[int], int]:
 
 
 def run(name: str, tmp_path):
-    out = reproduce.main([name, "--quick", "--workdir", str(tmp_path)])
+    result = reproduce.main([name, "--quick", "--workdir", str(tmp_path)])
     md = (tmp_path / f"{name}.md").read_text()
     assert md.startswith("# ") and f"`python -m experiments.reproduce {name} --quick`" in md
-    return out, md
+    assert "Smoke run (`--quick`)" in md and "n/a" not in md
+    assert json.loads((tmp_path / f"{name}.json").read_text())["values"] == \
+        json.loads(json.dumps(result["values"]))
+    return result["values"], md
 
 
 def png_ok(path) -> bool:
@@ -179,4 +184,4 @@ def test_seed_connectivity(tmp_path):
 
 def test_seed_names_are_registered():
     for name in ("seed_hops", "seed_savings", "seed_16token", "seed_connectivity"):
-        assert name in reproduce.EXPERIMENTS
+        assert name in reproduce.table_names()

@@ -281,45 +281,54 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def test_sink_metric_counts_heads_above_the_threshold():
-    from experiments import sinks
+    from globalattn import measure
 
     model, params = _model(1, "zero")
-    out = sinks.sink_metric(model, params, np.asarray(_tokens(9, 12)), threshold=0.3)
+    out = measure.sink_metric(model, params, np.asarray(_tokens(9, 12)), threshold=0.3)
     alpha = np.asarray(out["alpha"])
     assert alpha.shape == (2, 2) and np.all((alpha > 0) & (alpha < 1))
     assert out["metric"] == np.mean(alpha > 0.3)
     assert 0.0 < out["sink_logit_mass"] < 1.0
 
 
-def test_report_lists_both_tables():
-    from experiments import sinks
+def test_lm_config_builds_the_causal_lm():
+    """model.arch='lm' is CausalLM with the config's sinks, dense or windowed."""
+    from globalattn.modules import build_model
+    from globalattn.train.config import validate_config
 
-    config = sinks.get_config(False)
-    rows = [{"variant": name, "ppl": {x: 3.0 + x for x in config.stream.initial_tokens},
-             "train": {"validation/perplexity": 2.5, "wall_time_s": 180.0}, "eval_s": 20.0,
-             "sink": {"metric": 0.25, "mean_alpha": 0.1, "sink_logit_mass": 0.05,
-                      "alpha": [[0.1] * 4] * 3}}
-            for name in ("vanilla", "sink_token", "zero_sink")]
-    md = sinks.format_report(rows, config, quick=False, seq_len=128)
-    assert "`python -m experiments.reproduce sinks`" in md and "10.0 min" in md
-    row = "| 1 learnable sink token | 3.00 | 4.00 | 5.00 | 7.00 | 2.50 | 0.25 | 0.100 / 0.100 | - |"
-    assert row in md
-    assert "| zero sink (softmax-one) | 29214 | 19.90 | 18.01 |" in md  # the paper's row
-    assert "0+4096: 3359.95" in md
+    config = load_config(os.path.join(ROOT, "configs", "sinks.py:test"))
+    spec = validate_config(apply_overrides(config, {"model.lm.num_sink_tokens": 2,
+                                                    "model.lm.sink_logits": "learned"}))
+    model = build_model(spec.model_config)
+    assert isinstance(model, CausalLM) and spec.capacity == 2
+    assert (model.window, model.num_sink_tokens, model.sink_logits) == (None, 2, "learned")
+    windowed = build_model(apply_overrides(spec.model_config, {
+        "attention_schedule": "global_local", "window": 3}))
+    assert windowed.window == 4  # radius 3 back + the query's own token
+    with pytest.raises(ValueError, match="does not fit task 'charlm'"):
+        validate_config(apply_overrides(config, {"model.head": "token"}))
+    with pytest.raises(ValueError, match="sink_logits"):
+        build_model(apply_overrides(spec.model_config, {"lm.sink_logits": "one"}))
 
 
 def test_train_load_and_generate(data_dir, tmp_path, capsys):
-    from experiments import generate, reproduce, sinks
+    """The LM trains through train_and_evaluate; generate loads its standard checkpoint."""
+    from experiments import generate
+    from globalattn.train import train_and_evaluate
+    from globalattn.train.trained import load_run
 
     config = apply_overrides(load_config(os.path.join(ROOT, "configs", "sinks.py:test")),
-                             {"data.data_dir": data_dir, "model.num_sink_tokens": 1,
+                             {"data.data_dir": data_dir, "model.lm.num_sink_tokens": 1,
                               "model.num_layers": 1})
     workdir = str(tmp_path / "sink_token")
-    result = sinks.train_lm(config, workdir)
+    result = train_and_evaluate(config, workdir)
     assert result["step"] == 3 and math.isfinite(result["validation/loss"])
-    mtime = os.path.getmtime(os.path.join(workdir, "final_metrics.json"))
-    assert sinks.train_lm(config, workdir) == result  # a finished run is reused
-    assert os.path.getmtime(os.path.join(workdir, "final_metrics.json")) == mtime
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    loaded, model, params = load_run(workdir)
+    assert isinstance(model, CausalLM) and model.num_sink_tokens == 1
+    assert loaded.model.lm.num_sink_tokens == 1
+    logits = model.apply({"params": params}, jnp.asarray(_tokens(2, 5)))
+    assert logits.shape == (2, 5, 128) and np.isfinite(np.asarray(logits)).all()
 
     capsys.readouterr()
     text = generate.main([f"--workdir={workdir}", "--prompt=def ", "--num_chars=12",
@@ -329,29 +338,18 @@ def test_train_load_and_generate(data_dir, tmp_path, capsys):
     assert "1 decode-step trace(s)" in out.err
     with pytest.raises(SystemExit):
         generate.main([f"--workdir={tmp_path / 'missing'}", "--prompt=x"])
-    with pytest.raises(SystemExit):
-        reproduce.main(["nope"])
 
 
-@pytest.mark.slow
-def test_tiny_experiment_end_to_end(data_dir, tmp_path):
-    from experiments import sinks
+def test_load_run_refuses_a_workdir_without_a_run(tmp_path):
+    from globalattn.train.trained import load_run
 
-    config = apply_overrides(load_config(os.path.join(ROOT, "configs", "sinks.py:test")),
-                             {"data.data_dir": data_dir})
-    summary = sinks.run(workdir=str(tmp_path / "work"), results_dir=str(tmp_path / "res"),
-                        config=config)
-    assert [r["variant"] for r in summary["rows"]] == ["vanilla", "sink_token", "zero_sink"]
-    for r in summary["rows"]:
-        assert all(math.isfinite(v) for v in r["ppl"].values())
-    report = (tmp_path / "res" / "sinks.md").read_text()
-    assert "| 1 learnable sink token |" in report and "0+8" in report
-    assert (tmp_path / "res" / "sinks.png").exists()
+    with pytest.raises(FileNotFoundError, match="holds no trained run"):
+        load_run(str(tmp_path))
 
 
 @pytest.mark.slow
 def test_reproduce_sinks_quick(tmp_path):
-    """The --quick smoke run as a user runs it (about 1.5 minutes on 2 cores)."""
+    """The --quick smoke run as a user runs it (a few minutes on 2 cores)."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     res = subprocess.run(
         [sys.executable, "-m", "experiments.reproduce", "sinks", "--quick",
@@ -359,4 +357,11 @@ def test_reproduce_sinks_quick(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (tmp_path / "sinks.md").read_text()
-    assert "--quick" in report and "| vanilla |" in report
+    assert "--quick" in report and "| vanilla |" in report and "| 1 learnable sink token |" in report
+    assert (tmp_path / "sinks.png").exists() and (tmp_path / "sinks.json").exists()
+    # The README's generate command works on the variant directories it wrote.
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", f"--workdir={tmp_path / 'sink_token'}",
+         "--prompt=def ", "--num_chars=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

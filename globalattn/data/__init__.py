@@ -9,6 +9,8 @@ Tasks (TFDS builder name -> configs, the first is the default):
 * ``long_range_retrieval`` (:mod:`.retrieval`): CLS must fetch a value beyond
   ``min_distance``; provably at chance for windows with L*w < min_distance;
   configs 't64', 't64_distract', 't128', 'tiny'.
+* ``charlm`` (:mod:`.charlm`): character-level LM text of Python sources (the
+  causal LM's data); configs 'stdlib_t128', 'tiny'.
 * ``span_qa`` (:mod:`.span_qa`): extractive QA over key-value records; configs
   'r32', 'r64', 'tiny'.
 * ``charlm`` (:mod:`.charlm`): character-level language modelling on Python
@@ -27,6 +29,7 @@ Any config can be given by name, as a TaskConfig, or as a dict of overrides
 (e.g. ``{"base": "tiny", "num_train": 1000}``). Prepare from the shell with
 ``python -m globalattn.data prepare NAME [CONFIG] --data_dir DIR``.
 """
+from globalattn.data import charlm
 from globalattn.data.builders import TaskConfig, TaskMetadata
 from globalattn.data.charlm import CharLmConfig
 from globalattn.data.listops import ListOpsConfig
@@ -46,6 +49,8 @@ from globalattn.data.pipeline import (
 from globalattn.data.retrieval import RetrievalConfig, window_cannot_solve
 from globalattn.data.span_qa import SpanQaConfig
 from globalattn.data.standard_tfds import ByteTokenize, make_text_loader, standard_source
+
+BUILDERS[charlm.CharLm.name] = charlm.CharLm  # charlm imports pipeline: registered here
 
 __all__ = [
     "BUILDERS",

@@ -16,6 +16,7 @@ import flax.linen as nn
 from globalattn.modules.config import (ARCHS, DTYPES, ModelConfig, default_model_config)
 from globalattn.modules.encoder import Encoder
 from globalattn.modules.heads import ClassifyHead, LMHead, SpanHead, TokenHead
+from globalattn.modules.lm import CausalLM
 from globalattn.modules.model import Embedder, GlobalTokenModel
 from globalattn.modules.perceiver import Perceiver, PerceiverModel
 from globalattn.modules.strategies import build_strategy
@@ -35,6 +36,20 @@ def _head(c: ModelConfig) -> nn.Module:
     return LMHead(c.vocab_size, **kw)
 
 
+def _causal_lm(c: ModelConfig) -> CausalLM:
+    """arch='lm': attention_schedule 'full' is full causal attention; 'global_local' a
+    causal window of ``window`` keys back (W = window + 1 tokens with the query's own)."""
+    model = CausalLM(
+        vocab_size=c.vocab_size, d_model=c.d_model, num_heads=c.num_heads,
+        num_layers=c.num_layers, mlp_dim=c.mlp_dim,
+        window=None if c.attention_schedule == "full" else c.window + 1,
+        num_sink_tokens=c.lm.num_sink_tokens, sink_logits=c.lm.sink_logits,
+        rope_base=float(c.lm.rope_base), dropout_rate=c.dropout, dtype=c.jnp_dtype,
+        param_dtype=c.jnp_param_dtype)
+    model._check()  # a bad field fails here, not at the first apply
+    return model
+
+
 def build_model(model_cfg: Any) -> nn.Module:
     """An unbound Linen model from a ModelConfig or a (full or partial) model config.
 
@@ -45,6 +60,8 @@ def build_model(model_cfg: Any) -> nn.Module:
     lm ``[B, T, V]``.
     """
     c = ModelConfig.from_config(model_cfg)
+    if c.arch == "lm":
+        return _causal_lm(c)
     head = _head(c)
     embedder = Embedder(c)
     if c.arch == "perceiver":

@@ -27,10 +27,10 @@ from ml_collections import config_dict
 from globalattn.ops.dense import Window
 
 __all__ = ["ARCHS", "DTYPES", "HEADS", "POOLINGS", "SCHEDULES", "SINK_LOGITS", "BlockConfig",
-           "ModelConfig", "PerceiverConfig", "StrategyConfig", "Window", "default_model_config",
+           "LMConfig", "ModelConfig", "PerceiverConfig", "StrategyConfig", "Window", "default_model_config",
            "layer_kinds", "schedule_period"]
 
-ARCHS = ("encoder", "perceiver")
+ARCHS = ("encoder", "perceiver", "lm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 HEADS = ("classify", "token", "span", "lm")
 POOLINGS = ("cls", "globals", "mean")
@@ -42,7 +42,7 @@ SINK_LOGITS = ("none", "learned", "zero")
 def default_model_config() -> ml_collections.ConfigDict:
     """Every model field with its default; locked, so a misspelt override fails."""
     c = ml_collections.ConfigDict()
-    c.arch = "encoder"  # 'encoder' | 'perceiver'
+    c.arch = "encoder"  # 'encoder' | 'perceiver' | 'lm' (CausalLM: RoPE, sinks, streaming)
     c.vocab_size = 256
     c.max_len = 128  # learned absolute positions of data tokens
     c.rope = False  # also rotary (relative) positions in every encoder attention layer
@@ -87,6 +87,12 @@ def default_model_config() -> ml_collections.ConfigDict:
     p.share_weights = False  # one latent block reused num_latent_layers times
     p.num_cross_heads = 1
     c.perceiver = p
+
+    lm = ml_collections.ConfigDict()  # arch='lm' only (globalattn.modules.lm.CausalLM)
+    lm.num_sink_tokens = 0  # learned sink tokens prepended to every sequence / stream
+    lm.sink_logits = "none"  # 'none' | 'learned' | 'zero' (softmax-one)
+    lm.rope_base = 10000.0
+    c.lm = lm
     c.lock()
     return c
 
@@ -162,6 +168,15 @@ class PerceiverConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """``config.model.lm``: the causal LM of ``arch='lm'`` (RoPE, sinks, streaming)."""
+
+    num_sink_tokens: int = 0
+    sink_logits: str = "none"
+    rope_base: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """One pre-LN transformer layer: self-attention and an MLP.
 
@@ -231,6 +246,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     strategy: StrategyConfig = StrategyConfig()
     perceiver: PerceiverConfig = PerceiverConfig()
+    lm: LMConfig = LMConfig()
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelConfig":
@@ -258,7 +274,8 @@ class ModelConfig:
         merge(base, cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg, "")
         d = base.to_dict()
         return cls(**{**d, "strategy": StrategyConfig(**d["strategy"]),
-                      "perceiver": PerceiverConfig(**d["perceiver"])})
+                      "perceiver": PerceiverConfig(**d["perceiver"]),
+                      "lm": LMConfig(**d["lm"])})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -292,6 +309,9 @@ class ModelConfig:
         if self.arch == "perceiver":
             self._check_perceiver()
             return
+        if self.arch == "lm":
+            self._check_lm()
+            return
         schedule = _choice(self.attention_schedule, "attention_schedule", SCHEDULES)
         period = schedule_period(schedule, _int(self.local_per_full, "local_per_full"))
         if self.scan and self.num_layers % period:
@@ -303,6 +323,15 @@ class ModelConfig:
         if self.head == "classify" and self.pooling == "globals" and self.capacity == 0:
             raise ValueError(f"pooling='globals' needs global tokens, but strategy "
                              f"{self.strategy.name!r} has none")
+
+    def _check_lm(self) -> None:
+        if self.head != "lm":
+            raise ValueError(f"arch='lm' needs head='lm', got head={self.head!r}")
+        _choice(self.attention_schedule, "attention_schedule", ("full", "global_local"))
+        _int(self.lm.num_sink_tokens, "lm.num_sink_tokens", 0)
+        _choice(self.lm.sink_logits, "lm.sink_logits", SINK_LOGITS)
+        if not float(self.lm.rope_base) > 1.0:
+            raise ValueError(f"model config lm.rope_base must be > 1, got {self.lm.rope_base!r}")
 
     def _check_perceiver(self) -> None:
         p = self.perceiver
@@ -330,6 +359,8 @@ class ModelConfig:
         """Static global capacity G: the strategy's slots, or the Perceiver's latents."""
         if self.arch == "perceiver":
             return self.perceiver.num_latents
+        if self.arch == "lm":
+            return self.lm.num_sink_tokens
         from globalattn.modules import strategies
         return strategies.STRATEGIES[self.strategy.name].capacity_of(self.strategy)
 

@@ -91,11 +91,12 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)))
         self.manager.check_for_errors()
 
-    def restore_latest(self, abstract_payload: Any, iterator: grain.DataLoaderIterator,
+    def restore_latest(self, abstract_payload: Any, iterator: grain.DataLoaderIterator | None,
                        signature: str) -> tuple[int, Any] | None:
         """``(step, payload)`` of the newest trustworthy checkpoint, or None if there is none.
 
-        Sets ``iterator`` to the saved position. ``abstract_payload`` gives
+        Sets ``iterator`` to the saved position (None: the state only, e.g. to
+        load a finished run's parameters). ``abstract_payload`` gives
         shapes, dtypes and shardings (restoring onto another mesh works).
 
         Raises:
@@ -119,7 +120,7 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, abstract_payload: Any,
-                      iterator: grain.DataLoaderIterator, signature: str) -> Any:
+                      iterator: grain.DataLoaderIterator | None, signature: str) -> Any:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
@@ -134,9 +135,10 @@ class Checkpointer:
                 f"(signature {meta.get('signature')} != {signature}): the model or optimizer "
                 "config changed since it was written; use a new --workdir")
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_payload),
-                data=grain.checkpoint.CheckpointRestore(iterator)))
+            items = {"state": ocp.args.StandardRestore(abstract_payload)}
+            if iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001
             raise CorruptCheckpointError(
                 f"its contents are unreadable ({type(err).__name__}: {_short(err)})") from err

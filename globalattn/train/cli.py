@@ -1,10 +1,12 @@
 """Command-line plumbing shared by experiments/*.py: absl flag parsing with clear errors."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from absl import flags
+from ml_collections import config_flags
 
 __all__ = ["parse_flags"]
 
@@ -14,18 +16,32 @@ def parse_flags(argv: Sequence[str], required: Sequence[str] = (), usage: str = 
 
     A misspelt ``--config.field`` (ml_collections raises AttributeError / KeyError
     with a "did you mean"), a value of the wrong type and a missing required flag
-    each print one ``error:`` paragraph instead of a traceback.
+    each print one ``error:`` paragraph instead of a traceback; so do a config file
+    that cannot be loaded and a ``--workdir`` that exists but is not a directory.
+    ``--help`` / ``-h`` prints ``usage`` and the flags, then exits with status 0.
     """
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in list(argv)[1:]):
+        print(usage.strip() + "\n\nflags:\n" + flags.FLAGS.main_module_help()
+              if usage else flags.FLAGS.get_help())
+        sys.exit(0)
     try:
         flags.FLAGS(list(argv))
         if "config" in flags.FLAGS and flags.FLAGS["config"].present:
-            flags.FLAGS["config"].value  # noqa: B018 -- loads the file: get_config errors surface here
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+            path = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
+            if not os.path.isfile(path):
+                raise OSError(f"config file {path!r} does not exist")
+            # Loads the file (lazily wrapped by ml_collections): get_config errors surface here.
+            flags.FLAGS["config"].value.keys()
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
         print(f"error: {_message(err)}", file=sys.stderr)
         sys.exit(2)
     missing = [name for name in required if flags.FLAGS[name].value is None]
     if missing:
         print(f"error: missing --{' --'.join(missing)}\n{usage}", file=sys.stderr)
+        sys.exit(2)
+    workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        print(f"error: --workdir={workdir} is a file, not a directory", file=sys.stderr)
         sys.exit(2)
 
 
@@ -35,6 +51,10 @@ def _message(err: BaseException) -> str:
     while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]
     text = text.replace("\\n", "\n").replace("\\'", "'").replace('\\"', '"')
+    if isinstance(err, OSError) and "Failed loading config file" in text:
+        # ml_collections: "Failed loading config file NAME" + the import's traceback.
+        name = text.splitlines()[0].replace("Failed loading config file", "").strip()
+        return f"cannot load config file {name} (no such file, or it fails to import)"
     if "Traceback (most recent call last)" in text:  # config_flags embeds get_config's traceback
         lines = [x for x in text.splitlines() if x.strip()]
         text = f"{lines[0]} {lines[-1]}"

@@ -270,6 +270,8 @@ def _model_config(config: ml_collections.ConfigDict, meta: data_lib.TaskMetadata
         errors.append(f"model.num_classes={m.num_classes} but {config.data.name} has "
                       f"{meta.num_classes} classes; leave it None")
     want = HEAD_FOR_KIND[meta.kind]
+    if m.arch == "lm":  # a causal LM predicts every next token: a token task
+        want = "lm" if meta.kind == "token" else want
     if m.head != want:
         errors.append(f"model.head={m.head!r} does not fit task {config.data.name!r} of kind "
                       f"{meta.kind!r}; set --config.model.head={want}")

@@ -1,0 +1,90 @@
+"""experiments/render.py: the one renderer of results JSON, and every table's template."""
+import json
+import os
+
+import pytest
+
+from experiments import render, reproduce
+from globalattn.train.config import load_config_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = ("seed_hops", "seed_savings", "seed_16token", "seed_connectivity", "long_range",
+          "global_count", "strategies", "listops", "sinks")
+
+
+def test_cells_and_tables():
+    assert render.pct([0.25, 0.75]) == "50.0 (25.0 / 75.0)" and render.pct(0.5) == "50.0"
+    assert render.pct([None]) == "-"
+    assert render.cell(None, "hop") == "∞" and render.cell(3, "hop") == "3"
+    assert render.cell(0.12345, "pct2") == "12.35%" and render.cell(1234.5, ",.0f") == "1,234"
+    assert render.cell(None, ".2f") == "-" and render.cell("8 of 9", ".2f") == "8 of 9"
+    md = render.markdown_table({"columns": [["name", ""], ["acc %", "pct"]],
+                                "rows": [["a", [0.5, 0.7]], ["b", 0.25]]})
+    assert md.splitlines() == ["| name | acc % |", "|---|---:|", "| a | 60.0 (50.0 / 70.0) |",
+                               "| b | 25.0 |"]
+    with pytest.raises(ValueError, match="2 cells for 1 columns"):
+        render.markdown_table({"columns": [["x", ""]], "rows": [[1, 2]]})
+
+
+def _result(quick: bool) -> dict:
+    return {"name": "demo", "title": "Demo", "command": "python -m experiments.reproduce demo",
+            "quick": quick, "runtime_s": 90.0, "config": {"model": {"window": 4}},
+            "values": {"acc": {"a": 61.25}},
+            "template": "Window {c[model][window]}; a {v[acc][a]:.1f}%, b {v[acc][b]:.1f}%.\n\n"
+                        "{tables[results]}\n",
+            "tables": {"results": {"columns": [["name", ""]], "rows": [["a"]]}},
+            "figures": [
+                {"file": "demo.png", "kind": "bars", "labels": ["a", "b"], "values": [1, 2],
+                 "hlines": [{"label": "chance", "y": 1.5}]},
+                {"file": "demo_panels.png", "panels": [
+                    {"kind": "lines", "series": [{"label": "s", "y": [1, None, 3]}]},
+                    {"kind": "scatter", "x": [0.1, 1], "y": [2, 3], "labels": ["p", "q"],
+                     "logx": True},
+                    {"kind": "heatmap", "matrix": [[1, None], [0.5, 0.2]], "annotate": True}]}]}
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_render_writes_markdown_and_figures(tmp_path, quick):
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(_result(quick)))
+    md = render.render_file(str(path))
+    assert md == (tmp_path / "demo.md").read_text()
+    assert md.startswith("# Demo\n\nProduced by `python -m experiments.reproduce demo` in 1.5 min")
+    # A value this run did not measure renders as n/a, never as a guess.
+    assert "Window 4; a 61.2%, b n/a%." in md and "| name |\n|---|\n| a |" in md
+    assert ("Smoke run (`--quick`)" in md) == quick
+    for name in ("demo.png", "demo_panels.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_cli_rejects_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        render.main([str(tmp_path / "nope.json")])
+    assert info.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_every_table_is_a_config_with_a_template(name):
+    """configs/NAME.py: get_config + sweep/ablation, MEASURE, TITLE, a REPORT that renders."""
+    module = load_config_module(os.path.join(ROOT, "configs", f"{name}.py"))
+    assert module.MEASURE in reproduce.RUNNERS
+    assert f"python -m experiments.reproduce {name}" in module.__doc__
+    assert callable(getattr(module, "sweep", None) or getattr(module, "ablation", None))
+    config = json.loads(module.get_config().to_json_best_effort())
+    body = module.REPORT.format(v=render._tolerant({}), c=render._tolerant(config),
+                                tables=render._Tolerant())
+    assert body.strip() and "{v[" not in body and "{tables[" not in body
+    assert name in reproduce.table_names()
+
+
+def test_reproduce_lists_every_table_and_rejects_bad_paths(tmp_path, capsys):
+    assert set(TABLES) == set(reproduce.table_names())
+    afile = tmp_path / "file"
+    afile.write_text("")
+    for argv, message in (([], "unknown table None"), (["nope"], "unknown table 'nope'"),
+                          (["seed_hops", f"--workdir={afile}"], "is a file"),
+                          (["seed_hops", f"--out={afile}"], "is a file")):
+        with pytest.raises(SystemExit) as info:
+            reproduce.main(argv)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
