@@ -36,6 +36,11 @@ import globalattn as ga
 from globalattn import analytics, sharding
 
 
+
+def _ratio(r: float) -> str:
+    """A speed-up or size ratio: two decimals below 10 (0.8 never prints as 1x)."""
+    return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
+
 def _median_time(fn: Callable, args, reps: int) -> float:
     jax.block_until_ready(fn(*args))  # warm-up (compile already done)
     times = []
@@ -144,7 +149,7 @@ def print_table(rows: List[Dict[str, object]], out=sys.stdout) -> None:
             f"{r['masked_fwdbwd_s'] * 1e3:.1f}" if dense else "skipped (T^2 memory)",
             f"{r['full_fwdbwd_s'] * 1e3:.1f}" if dense else "—",
             f"{r['full_fwd_gflops']:.1f} / {r['full_fwdbwd_gflops']:.1f}" if dense else "—",
-            f"{r['masked_fwdbwd_s'] / r['sparse_fwdbwd_s']:.1f}x" if dense else "—",
+            _ratio(r['masked_fwdbwd_s'] / r['sparse_fwdbwd_s']) if dense else "—",
             f"{100 * r['sparse_fwdbwd_gflops'] / r['full_fwdbwd_gflops']:.0f}%" if dense else "—",
         ]
         print("| " + " | ".join(cells) + " |", file=out)
@@ -170,7 +175,7 @@ def print_comm_table(seq_lens: List[int], *, window: int, N: int, H: int, B: int
                                               max_globals=G, num_heads=N, head_dim=H,
                                               batch_size=B)
             print(f"| {T} | {P} | {c.ours / 2**20:.2f} MiB | {c.ring / 2**20:.2f} MiB "
-                  f"| {c.ring / c.ours:.0f}x |", file=out)
+                  f"| {_ratio(c.ring / c.ours)} |", file=out)
 
 
 def main(argv=None) -> None:
