@@ -8,6 +8,7 @@ while nothing has been evicted. Models are tiny (d 16, 2 layers).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -302,13 +303,13 @@ def test_lm_config_builds_the_causal_lm():
     model = build_model(spec.model_config)
     assert isinstance(model, CausalLM) and spec.capacity == 2
     assert (model.window, model.num_sink_tokens, model.sink_logits) == (None, 2, "learned")
-    windowed = build_model(apply_overrides(spec.model_config, {
-        "attention_schedule": "global_local", "window": 3}))
+    windowed = build_model(spec.model_config.replace(attention_schedule="global_local", window=3))
     assert windowed.window == 4  # radius 3 back + the query's own token
     with pytest.raises(ValueError, match="does not fit task 'charlm'"):
         validate_config(apply_overrides(config, {"model.head": "token"}))
     with pytest.raises(ValueError, match="sink_logits"):
-        build_model(apply_overrides(spec.model_config, {"lm.sink_logits": "one"}))
+        build_model(spec.model_config.replace(
+            lm=dataclasses.replace(spec.model_config.lm, sink_logits="one")))
 
 
 def test_train_load_and_generate(data_dir, tmp_path, capsys):
