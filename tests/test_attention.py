@@ -449,11 +449,18 @@ def test_nan_value_reaches_only_the_rows_that_attend_it():
                                   [4, 5, 6])
 
 
-@pytest.mark.parametrize("implementation", [
-    "xla", pytest.param("pallas_gpu", marks=pytest.mark.slow),
-    pytest.param("pallas_tpu", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("where", ["k", "v", "q", "kg", "vg"])
-@pytest.mark.parametrize("causal", [False, True])
+def _non_finite_cases():
+    """Every (implementation, causal, where); the default suite keeps a covering few for 'xla'."""
+    default = {("xla", False, "v"), ("xla", False, "kg"), ("xla", True, "k")}
+    for impl in ("xla", "pallas_gpu", "pallas_tpu"):
+        for causal in (False, True):
+            for where in ("k", "v", "q", "kg", "vg"):
+                marks = () if (impl, causal, where) in default else (pytest.mark.slow,)
+                yield pytest.param(where, causal, impl, marks=marks,
+                                   id=f"{impl}-{'causal' if causal else 'bidir'}-{where}")
+
+
+@pytest.mark.parametrize("where,causal,implementation", list(_non_finite_cases()))
 def test_non_finite_token_matches_oracle_nan_pattern(where, causal, implementation):
     if implementation not in gl_mod.IMPLEMENTATIONS:
         pytest.skip(f"implementation {implementation!r} is not registered")

@@ -65,7 +65,10 @@ def test_all_required_configs_are_trained():
     assert {"long_range", "listops", "mqar", "span_qa"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# Fine-tuning configs load a pretrained checkpoint; their training runs are in
+# tests/test_pretrained_finetune.py (-m slow), which keeps the default suite short.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n.startswith("finetune_") else n for n in CONFIGS])
 def test_one_step_on_tiny_real_data(name, data_dir, tmp_path):
     config = _config(name, data_dir, num_train_steps=1, tensorboard=name == "long_range")
     result = train_and_evaluate(config, str(tmp_path))
