@@ -1,6 +1,6 @@
 """Compile a config's training step for a TPU topology on this (CPU) host, before paying for the pod.
 
-    python -m experiments.compile --config=configs/long_range.py:quick --topology=v5e:4x4 \\
+    python -m experiments.compile --config=configs/mqar.py --topology=v5e:4x4 \\
         [--config.model.window=512 ...] [--attention=auto|xla|pallas_tpu]
 
 Needs libtpu (``pip install -r requirements-tpu.txt``); runs with
