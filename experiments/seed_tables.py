@@ -18,7 +18,7 @@ import numpy as np
 import globalattn  # sets the XLA flag; no array exists before this import
 from globalattn import analytics as A
 from globalattn import patterns as P
-from globalattn.train.config import apply_overrides, sweep_configs
+from globalattn.train.config import sweep_configs
 
 
 def _kw(c, glob=(), causal: bool = False) -> dict:

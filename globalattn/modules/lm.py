@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from globalattn.modules import decode
 from globalattn.ops import streaming
 from globalattn.ops.global_local import global_local_attention
 from globalattn.modules.block import Attend, TransformerBlock, layer_norm

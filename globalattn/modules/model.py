@@ -6,7 +6,7 @@ as attributes, so swapping a strategy is swapping one attribute.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax

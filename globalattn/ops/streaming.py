@@ -38,13 +38,11 @@ Model-level helpers (``new_stream``, ``make_decode_step``, ``stream_logits``,
 """
 from __future__ import annotations
 
-import collections
 import math
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from globalattn.ops import core
