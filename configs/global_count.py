@@ -35,10 +35,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mlp_dim = 128
     c.model.window = 4
     c.model.dropout = 0.0
+    # RoPE on top of the learned absolute positions: a value token finds its key one
+    # position back by a relative offset. Measured at K = 4, n = 8 (seed 0): 43% test after
+    # 1000 steps with RoPE, 28% without; 77% after 2000 steps with RoPE (not converged).
+    c.model.rope = True
     c.model.strategy.name = "first"
     c.model.strategy.num_globals = 16  # capacity; variants activate the first n
     c.batch_size = 32
-    c.num_train_steps = 1000
+    c.num_train_steps = 1000  # 18 variant-runs of 1000 steps fill the 20-minute budget
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 100
     c.log_every = 100
@@ -55,24 +59,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def ablation(arg: str | None = None) -> dict:
-    """The axes experiments/ablate.py sweeps (one compiled program per task size)."""
+SEEDS = (0, 1, 2)
+
+
+def ablation(arg: str | None = None) -> list[dict]:
+    """One vmapped program per task size K: n in {K, 2K} active globals x seeds.
+
+    n = 2K is exactly the threshold (every pair global); n = K globalises half the pairs.
+    """
     arg = check_arg(arg, ("quick", "test"))
     if arg == "test":
-        return {"num_active_globals": [0, 8], "seeds": [0], "learning_rates": [3e-3],
-                "data_configs": ["tiny"], "speedup_steps": 0}
-    if arg == "quick":
-        return {"num_active_globals": [0, 4, 16], "seeds": [0], "learning_rates": [3e-3],
-                "data_configs": ["v64_t64_k2", "v64_t64_k4"], "speedup_steps": 3}
-    # n = 4, 8, 16 is exactly 2K for K = 2, 4, 8: each line has points below and at 2K.
-    return {"num_active_globals": [0, 4, 8, 16], "seeds": [0], "learning_rates": [3e-3],
-            "data_configs": ["v64_t64_k2", "v64_t64_k4", "v64_t64_k8"], "speedup_steps": 10}
+        return [{"num_active_globals": [0, 8], "seeds": [0], "learning_rates": [3e-3],
+                 "data_configs": ["tiny"], "speedup_steps": 0}]
+    if arg == "quick":  # two task sizes: two programs, as the table
+        return [{"num_active_globals": [0, 2 * k], "seeds": [0], "learning_rates": [3e-3],
+                 "data_configs": [f"v64_t64_k{k}"], "speedup_steps": 3 if k == 2 else 0}
+                for k in (2, 4)]
+    return [{"num_active_globals": [k, 2 * k], "seeds": list(SEEDS), "learning_rates": [3e-3],
+             "data_configs": [f"v64_t64_k{k}"], "speedup_steps": 10 if k == 2 else 0}
+            for k in (2, 4, 8)]
 
 
 REPORT = """
 **What it mirrors.** Zoology (Arora et al. 2023) shows that attention solves MQAR while models without full token-to-token reach need state that grows with the number of pairs K. Here the model is a sliding window (radius {c[model][window]}, {c[model][num_layers]} layers: a query sees at most {v[reach]} positions back) plus the first n positions made global (`strategy=first`, capacity {c[model][strategy][num_globals]}, n active). The K pairs sit in the first 2K positions, so the prediction is a threshold: accuracy should approach 100% once n >= 2K and stay near the window's reach below it. There is no published table for this exact setup; the claim tested is that global tokens restore long-range communication at O(g·n) cost.
 
-Task: MQAR (`{c[data][name]}`), K in {{{v[pairs]}}} pairs, queries at power-law gaps after the pairs. Model: {c[model][num_layers]} layers, d = {c[model][d_model]}, {c[model][num_heads]} head(s), batch {c[batch_size]}, {c[num_train_steps]} steps, AdamW, warmup {c[optim][warmup_steps]}, cosine decay. All global counts of one task size train in ONE vmapped program on the same batches (`globalattn.train.ablation`; tests/test_ablation.py checks that each variant equals its separate run step for step).
+Task: MQAR (`{c[data][name]}`), K in {{{v[pairs]}}} pairs, queries at power-law gaps after the pairs. Model: {c[model][num_layers]} layers, d = {c[model][d_model]}, {c[model][num_heads]} head(s), learned absolute positions plus RoPE, batch {c[batch_size]}, {c[num_train_steps]} steps, AdamW (peak lr {c[optim][learning_rate]:g}), warmup {c[optim][warmup_steps]}, cosine decay; n in {{K, 2K}} per K (below and at the threshold), {v[num_seeds]} seeds each. All global counts of one task size train in ONE vmapped program on the same batches (`globalattn.train.ablation`; tests/test_ablation.py checks that each variant equals its separate run step for step).
 
 ## Accuracy (per query token, test split) vs what the pattern can reach
 
@@ -86,9 +97,10 @@ How to read the loss: a model that knows which K tokens are the values but not w
 
 ## Observations
 
-- Window only (n = 0): {v[test][k2_n0]:.1f}% at K = 2, {v[test][k4_n0]:.1f}% at K = 4, {v[test][k8_n0]:.1f}% at K = 8, below 1/K: the window alone does not even find the candidate values.
-- At n = 2K: {v[test][k2_n4]:.1f}% (K = 2), {v[test][k4_n8]:.1f}% (K = 4), {v[test][k8_n16]:.1f}% (K = 8), test losses {v[loss][k2_n4]:.3f}, {v[loss][k4_n8]:.3f}, {v[loss][k8_n16]:.3f}.
-- In the full run, once every pair is global the models reach about 1/K (the candidates are known) but mostly not beyond: only some settings got their loss below ln K (keys bound to values). One seed per setting and one run of {c[num_train_steps]} steps: the models are not converged (no setting reaches the 100% the pattern allows), and when a model leaves the 1/K plateau varies from run to run, so single points (e.g. a larger n doing worse than a smaller one) are not evidence. More steps or seeds exceed this table's 15-minute budget on 2 cores.
+- Test accuracy, mean of {v[num_seeds]} seeds (the table: mean ± 95% interval, then each seed), n = K then n = 2K: K = 2 {v[test][k2_n2]:.1f}% and {v[test][k2_n4]:.1f}%; K = 4 {v[test][k4_n4]:.1f}% and {v[test][k4_n8]:.1f}%; K = 8 {v[test][k8_n8]:.1f}% and {v[test][k8_n16]:.1f}%.
+- The threshold, n = 2K minus n = K (95% Welch interval over seeds): K = 2 {v[threshold][k2][text]}; K = 4 {v[threshold][k4][text]}; K = 8 {v[threshold][k8][text]}.
+- Test losses at n = 2K: {v[loss][k2_n4]:.3f} (K = 2, ln K = 0.693), {v[loss][k4_n8]:.3f} (K = 4, ln K = 1.386), {v[loss][k8_n16]:.3f} (K = 8, ln K = 2.079): a loss below ln K means keys are bound to values, at or above it the model has at most found the K candidates.
+- Convergence: a single K = 4, n = 8 run (seed 0) reached 77% test after 2,000 steps and was still rising, so at {c[num_train_steps]} steps no setting is at the ceiling the pattern allows; what the table measures is how far each setting got in this budget (seeds run in the same vmapped program, so their spread is the run-to-run variation of when binding starts).
 
 ## One program vs K runs
 

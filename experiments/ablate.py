@@ -6,7 +6,9 @@
 
 The axes come from the config file's ``ablation(arg)`` (a dict with
 ``num_active_globals``, ``seeds``, ``learning_rates`` and ``data_configs``, the
-task sizes); a flag given on the command line replaces that axis. ``--config.*``
+task sizes, or a list of such dicts, run one after another into
+``WORKDIR/partI``); a flag given on the command line replaces that axis (in
+every entry). ``--config.*``
 overrides apply first. For each data config, every (global count, seed, lr)
 variant is trained by one vmapped program on the same batches
 (globalattn.train.ablation); then ``--speedup_steps`` steps of that program are
@@ -173,30 +175,62 @@ def plot(rows: list[dict], path: str, split: str = "test") -> None:
     plt.close(fig)
 
 
-def config_axes(module, arg: str | None) -> dict[str, Any]:
-    """The config file's ``ablation(arg)`` (an empty dict if it has none)."""
+def config_axes(module, arg: str | None) -> list[dict[str, Any]]:
+    """The config file's ``ablation(arg)`` as a list of axes dicts ([] if it has none).
+
+    A config may return one dict or a list (e.g. one entry per task size, each with
+    its own global counts); each entry is a separate grid.
+    """
     fn = getattr(module, "ablation", None)
-    return dict(fn(arg)) if fn is not None else {}
+    if fn is None:
+        return []
+    specs = fn(arg)
+    return [dict(specs)] if isinstance(specs, dict) else [dict(s) for s in specs]
+
+
+def run_ablations(config, specs: Sequence[dict[str, Any]], workdir: str, *,
+                  speedup_steps: int | None = None,
+                  print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """:func:`run_ablation` for each axes dict (``workdir/partI`` when several).
+
+    Each dict may carry its own ``speedup_steps`` (``speedup_steps`` overrides it).
+    Returns ``{'rows', 'timings', 'axes': [per entry]}``, the entries' concatenated.
+    """
+    out: dict[str, Any] = {"rows": [], "timings": [], "axes": []}
+    for i, spec in enumerate(specs):
+        axes = dict(spec)
+        steps = axes.pop("speedup_steps", 0) if speedup_steps is None else speedup_steps
+        axes.pop("speedup_steps", None)
+        part = run_ablation(config, axes, os.path.join(workdir, f"part{i}")
+                            if len(specs) > 1 else workdir, speedup_steps=steps,
+                            print_fn=print_fn)
+        out["rows"] += part["rows"]
+        out["timings"] += part["timings"]
+        out["axes"].append(part["axes"])
+    if len(specs) > 1:
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(format_table(out["rows"]) + "\n\n" + format_timings(out["timings"]) + "\n")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"),
                 usage=__doc__)
     path, _, arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
-    axes = config_axes(load_config_module(path), arg or None)
+    specs = config_axes(load_config_module(path), arg or None) or [{}]
     parse = {"num_active_globals": int, "seeds": int, "learning_rates": float,
              "data_configs": str}
     for name, flag in zip(AXES, (_GLOBALS, _SEEDS, _LRS, _DATA)):
         if flag.value is not None:
             try:
-                axes[name] = [parse[name](x) for x in flag.value]
+                values = [parse[name](x) for x in flag.value]
             except ValueError:
                 print(f"error: --{name}={','.join(flag.value)}: not a list of "
                       f"{parse[name].__name__}", file=sys.stderr)
                 sys.exit(2)
-    speedup = axes.pop("speedup_steps", 0)
-    speedup = speedup if _SPEEDUP.value is None else _SPEEDUP.value
-    out = run_ablation(_CONFIG.value, axes, _WORKDIR.value, speedup_steps=speedup)
+            for axes in specs:
+                axes[name] = values
+    out = run_ablations(_CONFIG.value, specs, _WORKDIR.value, speedup_steps=_SPEEDUP.value)
     path_md = os.path.join(_WORKDIR.value, "results.md")
     if arg in ("quick", "test"):  # say so where the numbers are read
         with open(path_md) as f:

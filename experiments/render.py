@@ -15,9 +15,13 @@ A table's JSON (written by ``experiments.reproduce``) holds what was measured:
   ``{v[test][cls_global]:.1f}``, ``{tables[results]}``.
 
 Cell formats (``fmt``): ``""`` as text (None -> "-"), any format spec
-(``",.0f"``, ``".4f"``), ``"pct"`` (a fraction or a list of per-seed fractions as
-percent: ``"50.0 (25.0 / 75.0)"``), ``"pct2"`` (percent with 2 decimals and a %
-sign), ``"hop"`` (None -> ∞).
+(``",.0f"``, ``".4f"``), ``"pct"`` (a fraction, or a list of per-seed fractions as
+percent with the mean's 95% interval and each seed: ``"50.0 ± 31.8 (25.0 / 75.0)"``),
+``"pct2"`` (percent with 2 decimals and a % sign), ``"hop"`` (None -> ∞).
+
+Intervals (:func:`interval`, :func:`difference`) are Student-t 95% intervals of a
+mean over seeds (Welch's for a difference of two means): with 3 seeds the
+half-width is 2.48 standard deviations, so they are wide by design.
 """
 from __future__ import annotations
 
@@ -29,17 +33,59 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["cell", "markdown_table", "pct", "plot", "render", "render_file"]
+__all__ = ["cell", "difference", "interval", "markdown_table", "pct", "plot", "render",
+           "render_file"]
+
+
+def _values(x: Any) -> list[float]:
+    vals = [x] if np.isscalar(x) or x is None else list(x)
+    return [float(v) for v in vals if v is not None]
+
+
+def interval(x: Any) -> tuple[float, float]:
+    """``(mean, half-width)`` of the 95% Student-t interval of the mean of ``x``.
+
+    One value (or none) has no interval: half-width NaN.
+    """
+    vals = _values(x)
+    if not vals:
+        return float("nan"), float("nan")
+    if len(vals) == 1:
+        return vals[0], float("nan")
+    from scipy import stats
+
+    n = len(vals)
+    sem = float(np.std(vals, ddof=1)) / n ** 0.5
+    return float(np.mean(vals)), float(stats.t.ppf(0.975, n - 1)) * sem
+
+
+def difference(a: Any, b: Any) -> dict[str, Any]:
+    """Mean(a) - mean(b) with its 95% Welch interval; ``noise``: whether it covers 0."""
+    va, vb = _values(a), _values(b)
+    diff = float(np.mean(va) - np.mean(vb))
+    if len(va) < 2 or len(vb) < 2:
+        return {"diff": diff, "half_width": float("nan"), "noise": None}
+    from scipy import stats
+
+    sa, sb = np.var(va, ddof=1) / len(va), np.var(vb, ddof=1) / len(vb)
+    se = float(np.sqrt(sa + sb))
+    if se == 0.0:
+        return {"diff": diff, "half_width": 0.0, "noise": diff == 0.0}
+    df = (sa + sb) ** 2 / (sa ** 2 / (len(va) - 1) + sb ** 2 / (len(vb) - 1))
+    hw = float(stats.t.ppf(0.975, df)) * se
+    return {"diff": diff, "half_width": hw, "noise": bool(abs(diff) <= hw)}
 
 
 def pct(x: Any) -> str:
-    """A fraction, or per-seed fractions, as percent: mean (each seed) when several."""
-    vals = [x] if np.isscalar(x) or x is None else list(x)
-    vals = [v for v in vals if v is not None]
+    """A fraction, or per-seed fractions, as percent: mean ± 95% interval (each seed)."""
+    vals = _values(x)
     if not vals:
         return "-"
-    mean = f"{100 * float(np.mean(vals)):.1f}"
-    return mean if len(vals) == 1 else f"{mean} ({' / '.join(f'{100 * v:.1f}' for v in vals)})"
+    mean, hw = interval(vals)
+    if len(vals) == 1:
+        return f"{100 * mean:.1f}"
+    return (f"{100 * mean:.1f} ± {100 * hw:.1f} "
+            f"({' / '.join(f'{100 * v:.1f}' for v in vals)})")
 
 
 def cell(value: Any, fmt: str) -> str:
@@ -73,19 +119,24 @@ def _axes(ax, spec: dict[str, Any]) -> None:
     kind = spec["kind"]
     if kind == "bars":
         ax.bar(range(len(spec["labels"])), spec["values"], color="tab:blue",
-               label=spec.get("label"))
+               label=spec.get("label"), yerr=_yerr(spec), capsize=3)
         ax.set_xticks(range(len(spec["labels"])), spec["labels"], rotation=30, ha="right",
                       fontsize=8)
     elif kind == "scatter":
-        for x, y, label in zip(spec["x"], spec["y"], spec["labels"]):
-            ax.scatter(x, y)
+        yerr = _yerr(spec)
+        for i, (x, y, label) in enumerate(zip(spec["x"], spec["y"], spec["labels"])):
+            ax.errorbar(x, y, yerr=None if yerr is None else yerr[i], fmt="o", capsize=3)
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     elif kind == "lines":
         for s in spec["series"]:
             y = [np.nan if v is None else v for v in s["y"]]
-            ax.plot(s.get("x", range(len(y))), y, s.get("style", "o-"), label=s["label"],
-                    ms=s.get("ms", 4), lw=s.get("lw", 1.5),
-                    drawstyle=s.get("drawstyle", "default"))
+            x = s.get("x", range(len(y)))
+            line, = ax.plot(x, y, s.get("style", "o-"), label=s["label"],
+                            ms=s.get("ms", 4), lw=s.get("lw", 1.5),
+                            drawstyle=s.get("drawstyle", "default"))
+            if s.get("yerr") is not None:
+                err = [np.nan if e is None else e for e in s["yerr"]]
+                ax.errorbar(x, y, yerr=err, fmt="none", capsize=3, color=line.get_color())
     elif kind == "heatmap":
         m = np.array([[np.nan if v is None else v for v in r] for r in spec["matrix"]], float)
         im = ax.imshow(m, cmap=spec.get("cmap", "viridis"))
@@ -117,6 +168,13 @@ def _axes(ax, spec: dict[str, Any]) -> None:
     if kind != "heatmap" and (spec.get("hlines") or kind == "lines" or spec.get("label")):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+
+
+def _yerr(spec: dict[str, Any]) -> list[float] | None:
+    """The spec's ``yerr`` (95% half-widths; None / NaN -> no bar), or None."""
+    if spec.get("yerr") is None:
+        return None
+    return [0.0 if e is None or not np.isfinite(e) else e for e in spec["yerr"]]
 
 
 def plot(spec: dict[str, Any], path: str) -> None:
@@ -187,6 +245,19 @@ def render(result: dict[str, Any], out_dir: str) -> str:
     return md
 
 
+def retemplate(json_path: str) -> None:
+    """Replaces the report template stored in a table's JSON with its config's ``REPORT``."""
+    from globalattn.train.config import load_config_module
+
+    with open(json_path) as f:
+        result = json.load(f)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    module = load_config_module(os.path.join(root, "configs", f"{result['name']}.py"))
+    result["template"] = module.REPORT
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
 def render_file(json_path: str) -> str:
     """Renders a table's JSON next to it."""
     with open(json_path) as f:
@@ -198,10 +269,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.render", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", help="results/NAME.json files")
+    parser.add_argument("--retemplate", action="store_true",
+                        help="first replace each JSON's report template with the current "
+                        "REPORT of configs/NAME.py (prose edited after the run; the "
+                        "measurements are untouched)")
     args = parser.parse_args(argv)
     for path in args.json:
         if not os.path.isfile(path):
             parser.error(f"{path}: no such file")
+        if args.retemplate:
+            retemplate(path)
         render_file(path)
         print(f"wrote {os.path.splitext(path)[0]}.md")
 

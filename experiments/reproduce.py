@@ -32,6 +32,7 @@ from globalattn import measure
 from globalattn.train.config import (apply_overrides, call_sweep, load_config_module,
                                      sweep_configs, validate_config)
 from globalattn.train.loop import train_and_evaluate
+from globalattn.train.trained import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -110,13 +111,25 @@ def train_sweep(module, arg: str | None, *, workdir: str, data_dir: str | None
         for split in ("validation", "test"):
             r[split].append(result.get(f"{split}/accuracy"))
         r["wall_time_s"].append(result["wall_time_s"])
+        if getattr(module, "BEYOND_REACH", False):  # does the model use what a window misses?
+            m = validate_config(cfg).model_config
+            reach = m.num_layers * m.window
+            probe = measure.beyond_reach_accuracy(cfg, load_run(wd)[2], reach=reach)
+            print(f"{name}: test accuracy {probe['accuracy']:.4f}, with every token beyond "
+                  f"position {reach} noised {probe['accuracy_noised']:.4f} "
+                  f"({probe['changed']:.1%} of predictions changed)", flush=True)
+            r.setdefault("reach", reach)
+            r.setdefault("test_noised", []).append(probe["accuracy_noised"])
+            r.setdefault("changed", []).append(probe["changed"])
     return sweep_result(module, list(rows.values()), values)
 
 
 def sweep_result(module, rows_list: list[dict], values: dict[str, Any]) -> dict[str, Any]:
     """The table JSON of a trained sweep: its rows, per-row values, results table, figure."""
     values["test"] = {r["variant"]: 100 * _mean(r["test"]) for r in rows_list}
+    values["test_ci"] = {r["variant"]: 100 * render.interval(r["test"])[1] for r in rows_list}
     values["validation"] = {r["variant"]: 100 * _mean(r["validation"]) for r in rows_list}
+    values["compare"] = compare(module, {r["variant"]: r["test"] for r in rows_list})
     values["params"] = {r["variant"]: r["params"] for r in rows_list}
     values["density"] = {r["variant"]: r["density"] for r in rows_list}
     values["num_rows"] = len(rows_list)
@@ -130,8 +143,41 @@ def sweep_result(module, rows_list: list[dict], values: dict[str, Any]) -> dict[
          else f"{r['active_globals']} of {r['capacity']}", r["pairs"], r["density"],
          r["params"], r["validation"], r["test"], r["steps"], _mean(r["wall_time_s"]),
          r["mirrors"]] for r in rows_list]}
-    return {"values": values, "rows": rows_list, "tables": {"results": table},
+    tables = {"results": table}
+    if all("test_noised" in r for r in rows_list):
+        values["test_noised"] = {r["variant"]: 100 * _mean(r["test_noised"]) for r in rows_list}
+        values["changed"] = {r["variant"]: 100 * _mean(r["changed"]) for r in rows_list}
+        values["reach"] = rows_list[0]["reach"]
+        values["noise_drop"] = {r["variant"]: dict(render.difference(
+            [100 * x for x in r["test"]], [100 * x for x in r["test_noised"]]))
+            for r in rows_list}
+        tables["beyond_reach"] = {
+            "columns": [["variant", ""], ["test acc %", "pct"],
+                        [f"tokens beyond {values['reach']} noised: test acc %", "pct"],
+                        ["predictions changed %", "pct"]],
+            "rows": [[r["variant"], r["test"], r["test_noised"], r["changed"]]
+                     for r in rows_list]}
+    return {"values": values, "rows": rows_list, "tables": tables,
             "figures": [_figure(module, rows_list, values)]}
+
+
+def compare(module, test: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """The config's ``COMPARE`` pairs ``(a, b)``: test accuracy difference a - b in points
+    with its 95% interval, and ``text`` saying whether it is within noise."""
+    out = {}
+    for a, b in getattr(module, "COMPARE", ()):
+        if a not in test or b not in test:
+            continue
+        d = render.difference([100 * x for x in test[a] if x is not None],
+                              [100 * x for x in test[b] if x is not None])
+        if d["noise"] is None:
+            text = f"{d['diff']:+.1f} points (one seed: no interval)"
+        else:
+            text = (f"{d['diff']:+.1f} ± {d['half_width']:.1f} points, "
+                    + ("within noise (the 95% interval covers 0)" if d["noise"]
+                       else "outside noise"))
+        out[f"{a}_vs_{b}"] = dict(d, text=text)
+    return out
 
 
 def _mean(xs) -> float:
@@ -143,6 +189,7 @@ def _figure(module, rows: list[dict], values: dict) -> dict[str, Any]:
     """The config's ``FIGURE`` (kind, reference lines) filled with the rows' test accuracy."""
     spec = dict(module.FIGURE)
     acc = [100 * _mean(r["test"]) for r in rows]
+    spec["yerr"] = [100 * render.interval(r["test"])[1] for r in rows]
     hlines = [dict(h, y=h["y"] if isinstance(h["y"], (int, float)) else _lookup(values, h["y"]))
               for h in spec.get("hlines", [])]
     spec.update(hlines=hlines, ylabel="test accuracy %",

@@ -7,6 +7,9 @@ module measures *built models and data sets*:
   pass attends over all its attention ops, on the pattern the built model uses;
 * :func:`count_params` -- parameters of the model a config builds;
 * :func:`padding_masks`, :func:`majority_baseline` -- facts about a data split;
+* :func:`beyond_reach_accuracy` -- a trained classifier's accuracy when every
+  real token its readout cannot reach through the window is replaced by noise
+  (does a model with more reach use it?);
 * :func:`reachable_queries` -- MQAR queries whose value a window + first-n
   globals pattern can read directly;
 * :func:`streaming_perplexity`, :func:`sink_metric` -- a causal LM streamed
@@ -28,8 +31,9 @@ from globalattn import data as data_lib
 from globalattn.modules import build_model, decode
 from globalattn.ops.dense import global_local_mask
 
-__all__ = ["attention_pairs", "count_params", "density", "majority_baseline", "padding_masks",
-           "reachable_queries", "sink_metric", "streaming_perplexity"]
+__all__ = ["attention_pairs", "beyond_reach_accuracy", "count_params", "density",
+           "majority_baseline", "padding_masks", "reachable_queries", "sink_metric",
+           "streaming_perplexity"]
 
 
 def _spec(config: ml_collections.ConfigDict):
@@ -124,6 +128,53 @@ def majority_baseline(config: ml_collections.ConfigDict) -> dict[str, Any]:
         labels[split] = np.array([int(src[i]["label"]) for i in range(len(src))])
     top = int(np.bincount(labels["train"]).argmax())
     return {"label": top, **{s: float(np.mean(v == top)) for s, v in labels.items()}}
+
+
+def beyond_reach_accuracy(config: ml_collections.ConfigDict, params: Any, *, reach: int,
+                          split: str = "test", seed: int = 0, batch_size: int = 200
+                          ) -> dict[str, float]:
+    """Accuracy of a trained CLS classifier with and without the tokens beyond ``reach``.
+
+    Every real token at a position > ``reach`` (CLS at 0 included in the count)
+    is replaced by a token drawn from the split's own token frequencies at those
+    positions (the same draw for every model: ``seed``); padding stays padding.
+    A model whose accuracy does not drop uses nothing beyond ``reach`` -- what a
+    window of that reach already sees.
+
+    Returns:
+      ``{'accuracy', 'accuracy_noised', 'changed'}``: accuracy on the split, on
+      its noised copy, and the fraction of predictions the noise changed.
+    """
+    spec = _spec(config)
+    model = build_model(spec.model_config)
+    if not 0 <= reach < spec.seq_len:
+        raise ValueError(f"reach={reach} must be in [0, T={spec.seq_len})")
+    loader = data_lib.make_loader(
+        config.data.name, split, batch_size, config=config.data.config,
+        data_dir=config.data.data_dir, shuffle=False, num_epochs=1, drop_remainder=False,
+        pad_to=spec.seq_len, prepend_cls=bool(config.data.prepend_cls))
+    batches = list(loader)
+    tokens = np.concatenate([b["tokens"] for b in batches])
+    mask = np.concatenate([b["padding_mask"] for b in batches]).astype(bool)
+    labels = np.concatenate([b["label"] for b in batches])
+    far = mask & (np.arange(tokens.shape[1])[None, :] > reach)
+    ids, counts = np.unique(tokens[far], return_counts=True)
+    rng = np.random.default_rng(seed)
+    noised = tokens.copy()
+    if ids.size:
+        noised[far] = rng.choice(ids, size=int(far.sum()), p=counts / counts.sum())
+    predict = jax.jit(lambda p, t, m: jnp.argmax(
+        model.apply({"params": p}, t, m, jnp.zeros_like(t)), -1))
+
+    def preds(t: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(predict(params, t[i:i + batch_size],
+                                                  mask[i:i + batch_size]))
+                               for i in range(0, len(t), batch_size)])
+
+    clean, noisy = preds(tokens), preds(noised)
+    return {"accuracy": float(np.mean(clean == labels)),
+            "accuracy_noised": float(np.mean(noisy == labels)),
+            "changed": float(np.mean(clean != noisy))}
 
 
 def reachable_queries(source: Any, *, num_globals: int, reach: int) -> float:

@@ -123,10 +123,11 @@ def test_reproduce_global_count_quick(tmp_path):
     report = (tmp_path / "w" / "global_count.md").read_text()
     assert "python -m experiments.reproduce global_count --quick" in report
     assert "Smoke run (`--quick`)" in report
-    assert len(out["rows"]) == 6 and all(np.isfinite(r["test"]) for r in out["rows"])
+    assert len(out["rows"]) == 4 and all(np.isfinite(r["test"]) for r in out["rows"])
+    assert [t["data_config"] for t in out["timings"]] == ["v64_t64_k2", "v64_t64_k4"]
     # With every pair's value position global, every query is reachable.
     bound = out["values"]["bound"]
-    assert bound["k2_n4"] == 100.0 and bound["k4_n16"] == 100.0
+    assert bound["k2_n4"] == 100.0 and bound["k4_n8"] == 100.0
     assert 0.0 < bound["k4_n0"] < 100.0
     assert (tmp_path / "w" / "global_count.png").exists()
     assert (tmp_path / "w" / "global_count.json").exists()

@@ -9,6 +9,8 @@ import sys
 import ml_collections
 import pytest
 
+from experiments import ablate
+
 from globalattn.train import config as config_lib
 from globalattn.train.config import apply_overrides, load_config, sweep_configs, validate_config
 
@@ -64,11 +66,12 @@ def test_docstring_has_run_command_and_sweep_applies(name):
     ablation = getattr(module, "ablation", None)  # experiments/ablate.py's axes
     assert runs or ablation, f"configs/{name}.py has neither sweep() nor ablation()"
     for arg in ("test", None) if ablation is not None else ():
-        cfg, axes = module.get_config(arg), ablation(arg)
-        for data_config in axes["data_configs"]:
-            spec = validate_config(apply_overrides(cfg, {"data.config": data_config}),
-                                   device_count=1, process_count=1)
-            assert max(axes["num_active_globals"]) <= spec.capacity, (arg, data_config)
+        cfg = module.get_config(arg)
+        for axes in ablate.config_axes(module, arg):
+            for data_config in axes["data_configs"]:
+                spec = validate_config(apply_overrides(cfg, {"data.config": data_config}),
+                                       device_count=1, process_count=1)
+                assert max(axes["num_active_globals"]) <= spec.capacity, (arg, data_config)
     for run_name, cfg in sweep_configs(module.get_config("test"), runs):
         assert run_name
         if name in TRAIN_NAMES:
@@ -143,6 +146,8 @@ def _errors(c, **kw) -> str:
     ({"model.strategy.name": "sideways"}, 1, "name='sideways' not in"),
     ({"optim.grad_clip_norm": -1.0}, 1, "grad_clip_norm must be >= 0"),
     ({"seed": -1}, 1, "seed must be an int in [0, 2**32)"),
+    ({"model.arch": "perceiver", "model.rope": True}, 1,
+     "arch='perceiver' does not support rope=True"),
 ])
 def test_cross_field_errors_name_the_values(overrides, device_count, expected):
     c = apply_overrides(_cfg("long_range"), overrides)

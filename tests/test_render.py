@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import render, reproduce
@@ -13,14 +14,14 @@ TABLES = ("seed_hops", "seed_savings", "seed_16token", "seed_connectivity", "lon
 
 
 def test_cells_and_tables():
-    assert render.pct([0.25, 0.75]) == "50.0 (25.0 / 75.0)" and render.pct(0.5) == "50.0"
+    assert render.pct([0.25, 0.75]) == "50.0 ± 317.7 (25.0 / 75.0)" and render.pct(0.5) == "50.0"
     assert render.pct([None]) == "-"
     assert render.cell(None, "hop") == "∞" and render.cell(3, "hop") == "3"
     assert render.cell(0.12345, "pct2") == "12.35%" and render.cell(1234.5, ",.0f") == "1,234"
     assert render.cell(None, ".2f") == "-" and render.cell("8 of 9", ".2f") == "8 of 9"
     md = render.markdown_table({"columns": [["name", ""], ["acc %", "pct"]],
                                 "rows": [["a", [0.5, 0.7]], ["b", 0.25]]})
-    assert md.splitlines() == ["| name | acc % |", "|---|---:|", "| a | 60.0 (50.0 / 70.0) |",
+    assert md.splitlines() == ["| name | acc % |", "|---|---:|", "| a | 60.0 ± 127.1 (50.0 / 70.0) |",
                                "| b | 25.0 |"]
     with pytest.raises(ValueError, match="2 cells for 1 columns"):
         render.markdown_table({"columns": [["x", ""]], "rows": [[1, 2]]})
@@ -88,3 +89,18 @@ def test_reproduce_lists_every_table_and_rejects_bad_paths(tmp_path, capsys):
             reproduce.main(argv)
         assert info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_intervals_are_student_t_and_welch():
+    mean, half = render.interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303
+    assert mean == 2.0 and abs(half - 4.3027 / 3 ** 0.5) < 1e-3
+    assert np.isnan(render.interval([5.0])[1]) and np.isnan(render.interval([])[0])
+    same = render.difference([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])
+    assert same["diff"] == -0.5 and same["noise"] is True
+    apart = render.difference([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])
+    # Welch with equal variances and sizes: se = sqrt(2/3), df = 4, t = 2.776.
+    assert apart["diff"] == 9.0 and apart["noise"] is False
+    assert abs(apart["half_width"] - 2.7764 * (2 / 3) ** 0.5) < 1e-3
+    assert render.difference([100.0] * 3, [100.0] * 3) == {"diff": 0.0, "half_width": 0.0,
+                                                          "noise": True}
+    assert render.difference([1.0], [2.0])["noise"] is None  # one seed: no interval

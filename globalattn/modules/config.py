@@ -339,6 +339,9 @@ class ModelConfig:
             raise ValueError("arch='perceiver' has no causal decoder: head='lm' is unsupported")
         if self.causal:
             raise ValueError("arch='perceiver' does not support causal=True")
+        if self.rope:
+            raise ValueError("arch='perceiver' does not support rope=True (latents have no "
+                             "positions; its inputs use learned absolute positions)")
         _int(p.num_latents, "perceiver.num_latents")
         _int(p.num_latent_layers, "perceiver.num_latent_layers", 0)
         if self.d_model % _int(p.num_cross_heads, "perceiver.num_cross_heads"):
