@@ -126,7 +126,8 @@ def _axes(ax, spec: dict[str, Any]) -> None:
         yerr = _yerr(spec)
         for i, (x, y, label) in enumerate(zip(spec["x"], spec["y"], spec["labels"])):
             ax.errorbar(x, y, yerr=None if yerr is None else yerr[i], fmt="o", capsize=3)
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3 if i % 2 == 0 else -10),
+                        textcoords="offset points")  # neighbours alternate above / below
     elif kind == "lines":
         for s in spec["series"]:
             y = [np.nan if v is None else v for v in s["y"]]

@@ -192,7 +192,7 @@ def _figure(module, rows: list[dict], values: dict) -> dict[str, Any]:
     spec["yerr"] = [100 * render.interval(r["test"])[1] for r in rows]
     hlines = [dict(h, y=h["y"] if isinstance(h["y"], (int, float)) else _lookup(values, h["y"]))
               for h in spec.get("hlines", [])]
-    spec.update(hlines=hlines, ylabel="test accuracy %",
+    spec.update(hlines=hlines, ylabel="test accuracy % (mean, 95% interval)",
                 ylim=[0, 118 if max(acc + [h["y"] for h in hlines]) > 60 else 60])
     if spec["kind"] == "scatter":
         spec.update(x=[r["density"] for r in rows], y=acc, labels=[r["variant"] for r in rows])
