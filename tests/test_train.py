@@ -6,6 +6,7 @@ and the ':test' variant of each config file (tiny model, a few steps).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -139,6 +140,73 @@ def test_sigterm_to_cli_process_saves_and_resumes(data_dir, tmp_path):
     assert [r["step"] for r in _train_records(str(workdir))] == list(range(1, 401))
 
 
+def _no_training(step, metrics):
+    raise AssertionError(f"step {step} trained despite an unusable checkpoint directory")
+
+
+def _workdir_files(workdir) -> dict[str, bytes]:
+    """Every file of a workdir outside checkpoints/, with its contents."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)):
+        if os.path.isfile(path) and "checkpoints" not in os.path.relpath(path, workdir):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def _splits(workdir) -> list[tuple[int, str]]:
+    return [(r["step"], r["split"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_rerunning_a_finished_run_duplicates_nothing(data_dir, tmp_path, capsys):
+    config = _config("long_range", data_dir, num_train_steps=2, tensorboard=True)
+    workdir = str(tmp_path / "run")
+    first = train_and_evaluate(config, workdir)
+    # The ETA leaves out compilation: the first (compiling) step is not timed.
+    train_lines = [line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("[     train]")]
+    assert len(train_lines) == 2 and "steps/s" not in train_lines[0]
+    assert "steps/s | ETA 0:00:00 (this run's training)" in train_lines[1]
+    records = _train_records(workdir)
+    assert "steps_per_sec" not in records[0] and records[1]["steps_per_sec"] > 0
+    before = _workdir_files(workdir)
+    assert len([f for f in before if "tfevents" in f]) == 1
+
+    # Finished, same config: nothing trained, evaluated or written; the stored result.
+    again = train_and_evaluate(config, workdir, step_callback=_no_training)
+    assert again == first
+    assert _workdir_files(workdir) == before  # no new metrics line, no 2nd events file
+    assert "[  finished] step      2/2" in capsys.readouterr().out
+
+    # The final evaluation never completed (no final_metrics.json): it is redone and its
+    # records replace the earlier ones.
+    os.remove(os.path.join(workdir, "final_metrics.json"))
+    redo = train_and_evaluate(config, workdir, step_callback=_no_training)
+    assert redo["validation/accuracy"] == first["validation/accuracy"]
+    assert _splits(workdir) == [(1, "train"), (2, "train"), (2, "validation")]
+
+    # A changed config (same layout): said so, re-evaluated under it, still no duplicates.
+    changed = apply_overrides(config, {"eval_batch_size": 16})
+    with pytest.warns(UserWarning, match=r"changed fields: \['eval_batch_size'\]"):
+        result = train_and_evaluate(changed, workdir, step_callback=_no_training)
+    assert result["validation/num_examples"] == first["validation/num_examples"]
+    assert _splits(workdir) == [(1, "train"), (2, "train"), (2, "validation")]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["eval_batch_size"] == 16
+
+
+def test_rejected_restart_leaves_the_workdir_unchanged(data_dir, tmp_path):
+    config = _config("long_range", data_dir, num_train_steps=2)
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir)
+    before = _workdir_files(workdir)
+    assert "config.json" in before
+    wider = apply_overrides(config, {"model.d_model": 32})  # another parameter layout
+    with pytest.raises(ValueError, match="holds a state of another layout"):
+        train_and_evaluate(wider, workdir, step_callback=_no_training)
+    assert _workdir_files(workdir) == before  # config.json still the run's own
+
+
 # ---------------------------------------------------------------------------------------
 # Non-finite policy.
 
@@ -191,8 +259,10 @@ def test_nonfinite_step_is_skipped_bit_for_bit_and_counted(data_dir):
 def test_nonfinite_policy_in_the_loop_skips_counts_then_stops(data_dir, tmp_path):
     config = _config("long_range", data_dir, num_train_steps=8, **_POISON,
                      **{"checkpoint.every_steps": 2})
-    with pytest.raises(NonFiniteError, match=r"2 consecutive non-finite steps ending at step 5"):
+    with pytest.raises(NonFiniteError, match=r"2 consecutive non-finite steps ending at step 5"
+                       r".*the newest checkpoint is step 4 in \S*checkpoints \(") as err:
         train_and_evaluate(config, str(tmp_path))
+    assert "clean" not in str(err.value)
     records = {r["step"]: r for r in _train_records(str(tmp_path))}
     assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 0, 1]
     assert [records[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
@@ -200,6 +270,13 @@ def test_nonfinite_policy_in_the_loop_skips_counts_then_stops(data_dir, tmp_path
     assert np.isfinite(records[3]["loss"]) and "loss" not in records[2]
     # The skip counters are part of the checkpointed state.
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [2, 4]
+
+    # No checkpoint saved before the stop: the message says so instead of naming one.
+    never = apply_overrides(config, {"checkpoint.every_steps": 0})  # same compiled program
+    with pytest.raises(NonFiniteError, match=r"ending at step 5.*no checkpoint has been saved "
+                       r"in \S*never\S*checkpoints: lower"):
+        train_and_evaluate(never, str(tmp_path / "never"))
+    assert os.listdir(tmp_path / "never" / "checkpoints") == []
 
 
 # ---------------------------------------------------------------------------------------
