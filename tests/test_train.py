@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -344,6 +345,60 @@ def test_checkpointer_roundtrip_and_verification(tmp_path):
         fresh.restore_latest(_payload(1.0), _iterator(), sig)
     fresh.close()
     ckpt.close()
+
+
+def test_unwritable_checkpoint_directory_fails_before_training(data_dir, tmp_path):
+    """A read-only checkpoints/ (as a non-root user; root ignores permissions)."""
+    config = _config("long_range", data_dir, num_train_steps=2)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    ckpt_dir.chmod(0o555)
+    try:
+        if os.access(ckpt_dir, os.W_OK):
+            pytest.skip("this user can write to a read-only directory (root)")
+        with pytest.raises(PermissionError, match=f"checkpoint directory {ckpt_dir} is not "
+                           "writable"):
+            train_and_evaluate(config, str(tmp_path), step_callback=_no_training)
+    finally:
+        ckpt_dir.chmod(0o755)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # no config.json, no metrics
+
+
+def test_checkpoint_path_under_a_file_fails_before_training(data_dir, tmp_path):
+    """What a read-only checkpoints/ does for any user: a checkpoints path that cannot be a
+    directory (here a regular file) is an error naming it before any step or write."""
+    config = _config("long_range", data_dir, num_train_steps=2)
+    (tmp_path / "checkpoints").write_text("not a directory")
+    with pytest.raises(FileExistsError, match=f"checkpoint directory {tmp_path}/checkpoints "
+                       "is not writable"):
+        train_and_evaluate(config, str(tmp_path), step_callback=_no_training)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+def test_failing_async_save_raises_at_once(tmp_path):
+    """A checkpoint directory that becomes unusable after the start fails the next save
+    immediately (orbax alone would make save() wait 300 s for its background mkdir)."""
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3, async_save=True)
+    sig = state_signature(_payload(1.0))
+    ckpt.save(1, _payload(1.0), _iterator(), sig)
+    ckpt.wait()
+    shutil.rmtree(tmp_path / "ckpt")
+    (tmp_path / "ckpt").write_text("not a directory")  # no step directory can be made
+    outcome = []
+
+    def save():
+        try:
+            ckpt.save(2, _payload(2.0), _iterator(), sig)
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001
+            outcome.append(err)
+
+    thread = threading.Thread(target=save, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "save() still waiting after 60 s"
+    (err,) = outcome
+    assert isinstance(err, OSError) and str(tmp_path / "ckpt") in str(err), err
 
 
 def _flip_bytes(step_dir: str) -> None:

@@ -8,10 +8,16 @@ One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
 * ``meta``: JSON with the step, a :func:`~globalattn.train.state.fingerprint`
   of ``state``, a signature of the state's layout, and the jax version / PRNG impl.
 
+The directory is checked for writability when the :class:`Checkpointer` is
+made (before any training): an unwritable one is an ``OSError`` that names it.
 Saves are asynchronous (device-to-host copy before ``save`` returns, writing in
-a background thread); errors of a background save surface at the next save or
-at :meth:`Checkpointer.close`. orbax writes into a temporary directory and
-renames it on commit, so an interrupted save leaves no step directory.
+a background thread), but the step's directory is created before ``save``
+returns, so a directory that became unwritable fails that ``save`` at once
+(orbax would otherwise create it in the background and make ``save`` wait
+300 s for it, then report a timeout). Errors of the background writes surface
+at the next save or at :meth:`Checkpointer.close`. orbax writes into a
+temporary directory and renames it on commit, so an interrupted save leaves no
+step directory.
 
 Restore walks the steps from the newest: a step whose directory is empty or
 unreadable, or whose contents do not match the stored fingerprint, is moved to
@@ -25,6 +31,7 @@ import hashlib
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -38,7 +45,8 @@ from jax.experimental import multihost_utils
 
 from globalattn.train.state import fingerprint
 
-__all__ = ["Checkpointer", "CorruptCheckpointError", "PreemptionGuard", "state_signature"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "PreemptionGuard", "check_writable",
+           "state_signature"]
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -52,11 +60,31 @@ def state_signature(abstract_payload: Any) -> str:
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
+def check_writable(directory: str) -> None:
+    """Creates ``directory`` if needed and checks that entries can be made in it.
+
+    A probe directory is made and removed (as orbax makes one per step), so a
+    read-only directory, one under a regular file, or a read-only file system
+    is found here rather than at the first save.
+
+    Raises:
+      OSError (PermissionError, NotADirectoryError, ...): naming ``directory``.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write_probe.", dir=directory))
+    except OSError as err:
+        raise type(err)(err.errno, f"checkpoint directory {directory} is not writable "
+                        f"({err.strerror}: {err.filename}): fix its permissions or use "
+                        "another --workdir") from err
+
+
 class Checkpointer:
     """Saves and restores (train state, rng, data iterator) under ``directory``.
 
     Args:
-      directory: the checkpoint root (created if missing).
+      directory: the checkpoint root (created if missing; checked for writability,
+        see :func:`check_writable`).
       max_to_keep: newest checkpoints kept; older ones are deleted after a save.
       async_save: write in a background thread.
       quarantine_dir: where corrupt step directories are moved.
@@ -65,11 +93,15 @@ class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True,
                  quarantine_dir: str | None = None):
         self.directory = os.path.abspath(directory)
+        check_writable(self.directory)
         self.quarantine_dir = quarantine_dir or os.path.join(
             os.path.dirname(self.directory), "corrupt_checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True,
+            # The step directory is made in save() itself: an error there is raised at
+            # once instead of after orbax's 300 s wait for a background mkdir.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
