@@ -347,6 +347,42 @@ def test_checkpointer_roundtrip_and_verification(tmp_path):
     ckpt.close()
 
 
+def test_checkpoint_with_an_edited_data_position_is_rejected(tmp_path):
+    it = _iterator()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    sig = state_signature(_payload(1.0))
+    for step in (2, 4):
+        next(it)
+        ckpt.save(step, _payload(float(step)), it, sig)
+    ckpt.close()
+    # Step 4's iterator file set to another valid position (step 2's): the state still
+    # matches its fingerprint, but resuming from it would train on other batches.
+    data_file = tmp_path / "ckpt" / "4" / "data" / "process_0-of-1.json"
+    position = json.loads(data_file.read_text())
+    assert position["last_seen_indices"] == {"0": 7}
+    position["last_seen_indices"] = {"0": 3}
+    data_file.write_text(json.dumps(position))
+    fresh = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step 4 .*data position changed "
+                      r"after saving \(data fingerprint [0-9a-f]{16} != saved [0-9a-f]{16}; "
+                      r'process 0: last_seen_indices \{"0": 3\} != saved \{"0": 7\}\)'):
+        step, payload = fresh.restore_latest(_payload(1.0), _iterator(), sig)
+    assert step == 2
+    np.testing.assert_array_equal(payload["train_state"]["w"], _payload(2.0)["train_state"]["w"])
+    assert fresh.all_steps() == [2]
+
+    # A checkpoint from before data positions were fingerprinted: restored, with a warning.
+    meta_file = tmp_path / "ckpt" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["data_fingerprint"], meta["data_position"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"step 2 .* written before data positions were "
+                      r"fingerprinted: its data position is not verified"):
+        step, _ = fresh.restore_latest(_payload(1.0), _iterator(), sig)
+    assert step == 2
+    fresh.close()
+
+
 def test_unwritable_checkpoint_directory_fails_before_training(data_dir, tmp_path):
     """A read-only checkpoints/ (as a non-root user; root ignores permissions)."""
     config = _config("long_range", data_dir, num_train_steps=2)

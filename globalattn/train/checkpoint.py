@@ -6,7 +6,9 @@ One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
   StandardSave: params, optimizer state, step, non-finite counters, PRNG key);
 * ``data``: the grain iterator position, one JSON file per process;
 * ``meta``: JSON with the step, a :func:`~globalattn.train.state.fingerprint`
-  of ``state``, a signature of the state's layout, and the jax version / PRNG impl.
+  of ``state``, the data position (process 0's iterator state) and a fingerprint
+  of every process's position, a signature of the state's layout, and the jax
+  version / PRNG impl.
 
 The directory is checked for writability when the :class:`Checkpointer` is
 made (before any training): an unwritable one is an ``OSError`` that names it.
@@ -20,14 +22,18 @@ temporary directory and renames it on commit, so an interrupted save leaves no
 step directory.
 
 Restore walks the steps from the newest: a step whose directory is empty or
-unreadable, or whose contents do not match the stored fingerprint, is moved to
-``<workdir>/corrupt_checkpoints/`` with a warning and the previous step is
-tried. A step written by a differently shaped model (a changed config) is an
+unreadable, or whose contents do not match the stored fingerprints (the state,
+or the data position: a position edited to another valid one would otherwise
+resume on other batches), is moved to ``<workdir>/corrupt_checkpoints/`` with a
+warning naming the mismatching values, and the previous step is tried. A
+checkpoint written before data positions were fingerprinted restores with a
+warning that its position is unverified. A step written by a differently shaped model (a changed config) is an
 error, not corruption: its checkpoints are left alone.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -40,6 +46,7 @@ from typing import Any
 import grain
 import grain.checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -79,6 +86,36 @@ def check_writable(directory: str) -> None:
                         "another --workdir") from err
 
 
+def _iterator_state(iterator: Any) -> dict[str, Any]:
+    """The iterator's position as a JSON object (grain gives JSON bytes or a dict)."""
+    state = iterator.get_state()
+    if isinstance(state, (bytes, bytearray)):
+        state = state.decode()
+    if isinstance(state, str):
+        state = json.loads(state)
+    # A JSON round trip: the saved copy (meta) and a restored one compare equal.
+    return json.loads(json.dumps(state, sort_keys=True))
+
+
+def data_fingerprint(iterator: Any) -> str:
+    """A 64-bit hex checksum of every process's iterator position (process order counts)."""
+    digest = hashlib.sha256(json.dumps(_iterator_state(iterator), sort_keys=True).encode())
+    h = np.frombuffer(digest.digest()[:8], np.uint32).copy()
+    if jax.process_count() > 1:
+        parts = np.asarray(multihost_utils.process_allgather(h)).reshape(-1, 2)
+        weights = (2 * np.arange(len(parts), dtype=np.uint32) + 1)[:, None]
+        with np.errstate(over="ignore"):
+            h = (parts.astype(np.uint32) * weights).sum(axis=0, dtype=np.uint32)
+    return f"{int(h[0]):08x}{int(h[1]):08x}"
+
+
+def _position_diff(got: dict[str, Any], saved: dict[str, Any]) -> str:
+    """The iterator-state fields that differ, as 'field RESTORED != saved SAVED'."""
+    keys = sorted(k for k in set(got) | set(saved) if got.get(k) != saved.get(k))
+    return "; ".join(f"{k} {json.dumps(got.get(k))} != saved {json.dumps(saved.get(k))}"
+                     for k in keys)
+
+
 class Checkpointer:
     """Saves and restores (train state, rng, data iterator) under ``directory``.
 
@@ -115,6 +152,8 @@ class Checkpointer:
              signature: str) -> None:
         """Starts saving ``payload`` and the iterator position as checkpoint ``step``."""
         meta = {"step": int(step), "fingerprint": fingerprint(payload), "signature": signature,
+                "data_position": _iterator_state(iterator),
+                "data_fingerprint": data_fingerprint(iterator),
                 "jax_version": jax.__version__,
                 "prng_impl": str(jax.config.jax_default_prng_impl), "time": time.time()}
         self.manager.save(step, force=True, args=ocp.args.Composite(
@@ -179,7 +218,27 @@ class Checkpointer:
         if got != meta["fingerprint"]:
             raise CorruptCheckpointError(f"its contents changed after saving (fingerprint "
                                          f"{got} != saved {meta['fingerprint']})")
+        if iterator is not None:
+            self._check_data_position(step, meta, iterator)
         return payload
+
+    def _check_data_position(self, step: int, meta: dict[str, Any], iterator: Any) -> None:
+        """Raises CorruptCheckpointError if the restored position is not the saved one."""
+        if "data_fingerprint" not in meta:
+            warnings.warn(f"checkpoint step {step} in {self.directory} was written before data "
+                          "positions were fingerprinted: its data position is not verified",
+                          stacklevel=4)
+            return
+        got = data_fingerprint(iterator)
+        if got == meta["data_fingerprint"]:
+            return
+        detail = ""
+        if jax.process_index() == 0 and isinstance(meta.get("data_position"), dict):
+            detail = _position_diff(_iterator_state(iterator), meta["data_position"])
+            detail = f"; process 0: {detail}" if detail else ""
+        raise CorruptCheckpointError(
+            f"its data position changed after saving (data fingerprint {got} != saved "
+            f"{meta['data_fingerprint']}{detail}): resuming would train on other batches")
 
     def _quarantine(self, step: int) -> str:
         src = os.path.join(self.directory, str(step))
