@@ -10,6 +10,7 @@ report is ``configs/global_count.py``'s template, rendered by experiments.render
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ def measure(module, arg: str | None, *, workdir: str, data_dir: str | None) -> d
         config = apply_overrides(config, {"data.data_dir": data_dir})
     axes = dict(module.ablation(arg))
     speedup = axes.pop("speedup_steps", 0)
-    out = ablate.run_ablation(config, axes, workdir, speedup_steps=speedup)
+    smoke = f"{os.path.relpath(module.__file__)}:{arg}" if arg in ("quick", "test") else None
+    out = ablate.run_ablation(config, axes, workdir, speedup_steps=speedup, smoke=smoke)
     reach = config.model.num_layers * config.model.window
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in out["rows"]:

@@ -83,7 +83,7 @@ def test_grid_and_variant_errors(config):
             ablation.train_variants(config, variants, print_fn=None)
 
 
-def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
+def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch, capsys):
     from experiments import ablate
 
     workdir = tmp_path / "ablate"
@@ -101,8 +101,14 @@ def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
     assert table.startswith("**Smoke run (") and "global_count.py:test" in table.splitlines()[0]
     assert "| tiny | 0.003 | 4 | 1 |" in table and "per-step speed-up" in table
     assert (workdir / "accuracy_vs_globals.png").stat().st_size > 1000
-    assert json.loads((workdir / "results.json").read_text())["axes"]["num_active_globals"] == \
-        [0, 4, 8]
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["axes"]["num_active_globals"] == [0, 4, 8]
+    assert saved["smoke_run"] is True and saved["smoke_config"].endswith("global_count.py:test")
+    printed = capsys.readouterr().out
+    assert printed.startswith("**Smoke run (")  # before any training output
+    # Progress: the ETA is the whole 3-variant program's.
+    assert "steps/s of all 3 variants; ETA 0:00:00 for the whole 3-variant program's training" \
+        in printed
 
 
 def test_ablate_axis_errors(config):
