@@ -36,6 +36,7 @@ VARIANTS = [ablation.Variant(0, 0, 1e-3), ablation.Variant(2, 1, 3e-3),
             ablation.Variant(1, 0, 2e-3)]
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; .ci/run runs it with -m slow
 def test_vmapped_variants_equal_separate_runs(config, tmp_path):
     result = ablation.train_variants(config, VARIANTS, print_fn=None)
     assert result.train["loss"].shape == (5, 3)
@@ -83,6 +84,7 @@ def test_grid_and_variant_errors(config):
             ablation.train_variants(config, variants, print_fn=None)
 
 
+@pytest.mark.slow  # ~1 min on 2 cores; .ci/run runs it with -m slow
 def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch, capsys):
     from experiments import ablate
 
