@@ -437,6 +437,25 @@ def test_failing_async_save_raises_at_once(tmp_path):
     assert isinstance(err, OSError) and str(tmp_path / "ckpt") in str(err), err
 
 
+def test_a_finished_run_loads_from_read_only_storage(data_dir, tmp_path, monkeypatch):
+    """load_run only reads: no writability check (a root user cannot chmod-test it, so
+    every directory is made to fail the check instead)."""
+    from globalattn.train import checkpoint
+    from globalattn.train.trained import load_run
+
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(_config("long_range", data_dir, num_train_steps=2), workdir)
+
+    def unwritable(directory):
+        raise PermissionError(13, f"checkpoint directory {directory} is not writable")
+
+    monkeypatch.setattr(checkpoint, "check_writable", unwritable)
+    with pytest.raises(PermissionError, match="is not writable"):
+        Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
+    config, _, params = load_run(workdir)
+    assert config.num_train_steps == 2 and jax.tree.leaves(params)
+
+
 def _flip_bytes(step_dir: str) -> None:
     """Flips a few bytes in every array data file of a checkpoint's state item."""
     files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)

@@ -11,7 +11,9 @@ One checkpoint (``<workdir>/checkpoints/<step>/``) holds three items:
   version / PRNG impl.
 
 The directory is checked for writability when the :class:`Checkpointer` is
-made (before any training): an unwritable one is an ``OSError`` that names it.
+made (before any training): an unwritable one is an ``OSError`` that names it
+(``writable=False`` skips the check, to load a finished run from read-only
+storage).
 Saves are asynchronous (device-to-host copy before ``save`` returns, writing in
 a background thread), but the step's directory is created before ``save``
 returns, so a directory that became unwritable fails that ``save`` at once
@@ -121,16 +123,19 @@ class Checkpointer:
 
     Args:
       directory: the checkpoint root (created if missing; checked for writability,
-        see :func:`check_writable`).
+        see :func:`check_writable`, unless ``writable=False``).
       max_to_keep: newest checkpoints kept; older ones are deleted after a save.
       async_save: write in a background thread.
       quarantine_dir: where corrupt step directories are moved.
+      writable: False to only read checkpoints (no writability check; saving or
+        quarantining then fails where the directory is read-only).
     """
 
     def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True,
-                 quarantine_dir: str | None = None):
+                 quarantine_dir: str | None = None, writable: bool = True):
         self.directory = os.path.abspath(directory)
-        check_writable(self.directory)
+        if writable:
+            check_writable(self.directory)
         self.quarantine_dir = quarantine_dir or os.path.join(
             os.path.dirname(self.directory), "corrupt_checkpoints")
         options = ocp.CheckpointManagerOptions(
