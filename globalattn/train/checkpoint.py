@@ -14,14 +14,15 @@ The directory is checked for writability when the :class:`Checkpointer` is
 made (before any training): an unwritable one is an ``OSError`` that names it
 (``writable=False`` skips the check, to load a finished run from read-only
 storage).
+
 Saves are asynchronous (device-to-host copy before ``save`` returns, writing in
 a background thread), but the step's directory is created before ``save``
 returns, so a directory that became unwritable fails that ``save`` at once
-(orbax would otherwise create it in the background and make ``save`` wait
-300 s for it, then report a timeout). Errors of the background writes surface
-at the next save or at :meth:`Checkpointer.close`. orbax writes into a
-temporary directory and renames it on commit, so an interrupted save leaves no
-step directory.
+(orbax would otherwise create it in the background, and ``save`` would wait
+for it until a timeout, e.g. 300 s, then report the timeout, not the cause).
+Errors of the background writes surface at the next save or at
+:meth:`Checkpointer.close`. orbax writes into a temporary directory and renames
+it on commit, so an interrupted save leaves no step directory.
 
 Restore walks the steps from the newest: a step whose directory is empty or
 unreadable, or whose contents do not match the stored fingerprints (the state,
@@ -29,8 +30,9 @@ or the data position: a position edited to another valid one would otherwise
 resume on other batches), is moved to ``<workdir>/corrupt_checkpoints/`` with a
 warning naming the mismatching values, and the previous step is tried. A
 checkpoint written before data positions were fingerprinted restores with a
-warning that its position is unverified. A step written by a differently shaped model (a changed config) is an
-error, not corruption: its checkpoints are left alone.
+warning that its position is unverified. A step written by a differently
+shaped model (a changed config) is an error, not corruption: its checkpoints
+are left alone.
 """
 from __future__ import annotations
 
