@@ -16,6 +16,10 @@ timed against one variant alone (0 skips it).
 
 Writes to the workdir: ``results.json`` (every variant, timings), ``results.md``
 (the table) and ``accuracy_vs_globals.png`` (one line per task size and lr).
+A ``:quick`` or ``:test`` config is a smoke run: the progress output, the first
+line of ``results.md`` and ``results.json`` (``"smoke_run": true``) say so.
+Progress lines give the ETA of each task size's whole K-variant program
+(compilation excluded).
 """
 from __future__ import annotations
 
@@ -54,16 +58,26 @@ def headline(final: dict[str, Any], split: str) -> float | None:
 
 
 def run_ablation(config, axes: dict[str, Sequence], workdir: str, *, speedup_steps: int = 0,
-                 print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+                 print_fn: Callable[[str], None] | None = print,
+                 smoke: str | None = None) -> dict[str, Any]:
     """Trains the grid for each data config; returns and writes ``results.json``.
 
+    Args:
+      smoke: for a smoke run (a ``:quick`` / ``:test`` config), what it is, e.g.
+        ``'configs/global_count.py:quick'``: printed at the start, the first line
+        of ``results.md``, and ``results.json``'s ``smoke_run`` / ``smoke_config``.
+
     Returns:
-      ``{'rows': [one dict per variant and task size], 'timings': [per task size]}``.
+      ``{'rows': [one dict per variant and task size], 'timings': [per task size],
+      'smoke_run': bool, ...}``.
     """
     missing = [a for a in AXES if not axes.get(a)]
     if missing:
         raise ValueError(f"ablation axes {missing} are empty or missing; got {axes}")
     os.makedirs(workdir, exist_ok=True)
+    note = (f"**Smoke run ({smoke})**: the numbers mean nothing." if smoke else None)
+    if print_fn and note:
+        print_fn(note)
     rows, timings = [], []
     variants = ablation.grid(axes["num_active_globals"], axes["seeds"], axes["learning_rates"])
     for data_config in axes["data_configs"]:
@@ -84,12 +98,14 @@ def run_ablation(config, axes: dict[str, Sequence], workdir: str, *, speedup_ste
                          "strategy": cfg.model.strategy.name, "capacity": result.spec.capacity,
                          "validation": headline(final, "validation"),
                          "test": headline(final, "test"), **final})
-    out = {"config": json.loads(config.to_json_best_effort()),
+    out = {"smoke_run": bool(smoke), "smoke_config": smoke,
+           "config": json.loads(config.to_json_best_effort()),
            "axes": {k: list(v) for k, v in axes.items()}, "rows": rows, "timings": timings}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(format_table(rows) + "\n\n" + format_timings(timings) + "\n")
+        f.write((note + "\n\n" if note else "") + format_table(rows) + "\n\n"
+                + format_timings(timings) + "\n")
     split = "test" if any(r["test"] is not None for r in rows) else "validation"
     plot(rows, os.path.join(workdir, "accuracy_vs_globals.png"), split)
     return out
@@ -189,27 +205,30 @@ def config_axes(module, arg: str | None) -> list[dict[str, Any]]:
 
 
 def run_ablations(config, specs: Sequence[dict[str, Any]], workdir: str, *,
-                  speedup_steps: int | None = None,
+                  speedup_steps: int | None = None, smoke: str | None = None,
                   print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
     """:func:`run_ablation` for each axes dict (``workdir/partI`` when several).
 
     Each dict may carry its own ``speedup_steps`` (``speedup_steps`` overrides it).
     Returns ``{'rows', 'timings', 'axes': [per entry]}``, the entries' concatenated.
     """
-    out: dict[str, Any] = {"rows": [], "timings": [], "axes": []}
+    out: dict[str, Any] = {"smoke_run": bool(smoke), "smoke_config": smoke, "rows": [],
+                           "timings": [], "axes": []}
     for i, spec in enumerate(specs):
         axes = dict(spec)
         steps = axes.pop("speedup_steps", 0) if speedup_steps is None else speedup_steps
         axes.pop("speedup_steps", None)
         part = run_ablation(config, axes, os.path.join(workdir, f"part{i}")
                             if len(specs) > 1 else workdir, speedup_steps=steps,
-                            print_fn=print_fn)
+                            smoke=smoke, print_fn=print_fn)
         out["rows"] += part["rows"]
         out["timings"] += part["timings"]
         out["axes"].append(part["axes"])
     if len(specs) > 1:
+        note = f"**Smoke run ({smoke})**: the numbers mean nothing.\n\n" if smoke else ""
         with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(format_table(out["rows"]) + "\n\n" + format_timings(out["timings"]) + "\n")
+            f.write(note + format_table(out["rows"]) + "\n\n" + format_timings(out["timings"])
+                    + "\n")
     return out
 
 
@@ -230,14 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sys.exit(2)
             for axes in specs:
                 axes[name] = values
-    out = run_ablations(_CONFIG.value, specs, _WORKDIR.value, speedup_steps=_SPEEDUP.value)
-    path_md = os.path.join(_WORKDIR.value, "results.md")
-    if arg in ("quick", "test"):  # say so where the numbers are read
-        with open(path_md) as f:
-            table = f.read()
-        with open(path_md, "w") as f:
-            f.write(f"**Smoke run ({path}:{arg})**: the numbers mean nothing.\n\n" + table)
-    with open(path_md) as f:
+    out = run_ablations(_CONFIG.value, specs, _WORKDIR.value, speedup_steps=_SPEEDUP.value,
+                        smoke=f"{path}:{arg}" if arg in ("quick", "test") else None)
+    with open(os.path.join(_WORKDIR.value, "results.md")) as f:
         print(f.read())
     return out
 

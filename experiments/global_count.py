@@ -11,6 +11,7 @@ report is ``configs/global_count.py``'s template, rendered by experiments.render
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ def measure(module, arg: str | None, *, workdir: str, data_dir: str | None) -> d
     if data_dir is not None:
         config = apply_overrides(config, {"data.data_dir": data_dir})
     specs = ablate.config_axes(module, arg)
-    out = ablate.run_ablations(config, specs, workdir)
+    smoke = f"{os.path.relpath(module.__file__)}:{arg}" if arg in ("quick", "test") else None
+    out = ablate.run_ablations(config, specs, workdir, smoke=smoke)
     data_configs = [dc for spec in specs for dc in spec["data_configs"]]
     seeds = {s for spec in specs for s in spec["seeds"]}
     reach = config.model.num_layers * config.model.window

@@ -4,10 +4,11 @@
     python -m experiments.main --config=configs/long_range.py:quick --workdir=/tmp/lr_quick
     python -m experiments.main --config=configs/mqar.py --config.num_train_steps=500
 
-Each variant trains in ``<workdir>/<variant>`` (rerunning resumes, and a
-finished variant is only re-evaluated); ``--config.*`` overrides apply to every
-variant before the sweep's own overrides. The workdir is printed at the start
-and the end; it holds ``results.json`` (the table), and per variant
+Each variant trains in ``<workdir>/<variant>`` (rerunning resumes; a finished
+variant is neither retrained nor re-evaluated: its ``final_metrics.json`` is
+used); ``--config.*`` overrides apply to every variant before the sweep's own
+overrides. The workdir is printed at the start and the end; it holds
+``results.json`` (the table), and per variant
 ``metrics.jsonl``, ``final_metrics.json``, ``checkpoints/`` and, when
 ``config.tensorboard``, TensorBoard events (``tensorboard --logdir <workdir>``).
 """

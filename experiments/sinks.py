@@ -2,7 +2,7 @@
 
 Each variant of ``configs/sinks.py``'s sweep trains with
 :func:`globalattn.train.train_and_evaluate` in ``<workdir>/<variant>`` (a rerun
-resumes, a finished run is only re-evaluated), is loaded back from its
+resumes; a finished run returns its stored final metrics), is loaded back from its
 checkpoint (:func:`globalattn.train.trained.load_run`) and measured: streaming
 perplexity through caches of x initial + (C - x) recent tokens and the sink
 metric (:mod:`globalattn.measure`). Returns the table's JSON; the report is the

@@ -36,6 +36,7 @@ VARIANTS = [ablation.Variant(0, 0, 1e-3), ablation.Variant(2, 1, 3e-3),
             ablation.Variant(1, 0, 2e-3)]
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; .ci/run runs it with -m slow
 def test_vmapped_variants_equal_separate_runs(config, tmp_path):
     result = ablation.train_variants(config, VARIANTS, print_fn=None)
     assert result.train["loss"].shape == (5, 3)
@@ -83,7 +84,8 @@ def test_grid_and_variant_errors(config):
             ablation.train_variants(config, variants, print_fn=None)
 
 
-def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
+@pytest.mark.slow  # ~1 min on 2 cores; .ci/run runs it with -m slow
+def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch, capsys):
     from experiments import ablate
 
     workdir = tmp_path / "ablate"
@@ -101,8 +103,14 @@ def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch):
     assert table.startswith("**Smoke run (") and "global_count.py:test" in table.splitlines()[0]
     assert "| tiny | 0.003 | 4 | 1 |" in table and "per-step speed-up" in table
     assert (workdir / "accuracy_vs_globals.png").stat().st_size > 1000
-    assert json.loads((workdir / "results.json").read_text())["axes"]["num_active_globals"] == \
-        [0, 4, 8]
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["axes"]["num_active_globals"] == [0, 4, 8]
+    assert saved["smoke_run"] is True and saved["smoke_config"].endswith("global_count.py:test")
+    printed = capsys.readouterr().out
+    assert printed.startswith("**Smoke run (")  # before any training output
+    # Progress: the ETA is the whole 3-variant program's.
+    assert "steps/s of all 3 variants; ETA 0:00:00 for the whole 3-variant program's training" \
+        in printed
 
 
 def test_ablate_axis_errors(config):

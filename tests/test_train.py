@@ -6,11 +6,13 @@ and the ':test' variant of each config file (tiny model, a few steps).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -139,6 +141,73 @@ def test_sigterm_to_cli_process_saves_and_resumes(data_dir, tmp_path):
     assert [r["step"] for r in _train_records(str(workdir))] == list(range(1, 401))
 
 
+def _no_training(step, metrics):
+    raise AssertionError(f"step {step} trained despite an unusable checkpoint directory")
+
+
+def _workdir_files(workdir) -> dict[str, bytes]:
+    """Every file of a workdir outside checkpoints/, with its contents."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)):
+        if os.path.isfile(path) and "checkpoints" not in os.path.relpath(path, workdir):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def _splits(workdir) -> list[tuple[int, str]]:
+    return [(r["step"], r["split"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_rerunning_a_finished_run_duplicates_nothing(data_dir, tmp_path, capsys):
+    config = _config("long_range", data_dir, num_train_steps=2, tensorboard=True)
+    workdir = str(tmp_path / "run")
+    first = train_and_evaluate(config, workdir)
+    # The ETA leaves out compilation: the first (compiling) step is not timed.
+    train_lines = [line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("[     train]")]
+    assert len(train_lines) == 2 and "steps/s" not in train_lines[0]
+    assert "steps/s | ETA 0:00:00 (this run's training)" in train_lines[1]
+    records = _train_records(workdir)
+    assert "steps_per_sec" not in records[0] and records[1]["steps_per_sec"] > 0
+    before = _workdir_files(workdir)
+    assert len([f for f in before if "tfevents" in f]) == 1
+
+    # Finished, same config: nothing trained, evaluated or written; the stored result.
+    again = train_and_evaluate(config, workdir, step_callback=_no_training)
+    assert again == first
+    assert _workdir_files(workdir) == before  # no new metrics line, no 2nd events file
+    assert "[  finished] step      2/2" in capsys.readouterr().out
+
+    # The final evaluation never completed (no final_metrics.json): it is redone and its
+    # records replace the earlier ones.
+    os.remove(os.path.join(workdir, "final_metrics.json"))
+    redo = train_and_evaluate(config, workdir, step_callback=_no_training)
+    assert redo["validation/accuracy"] == first["validation/accuracy"]
+    assert _splits(workdir) == [(1, "train"), (2, "train"), (2, "validation")]
+
+    # A changed config (same layout): said so, re-evaluated under it, still no duplicates.
+    changed = apply_overrides(config, {"eval_batch_size": 16})
+    with pytest.warns(UserWarning, match=r"changed fields: \['eval_batch_size'\]"):
+        result = train_and_evaluate(changed, workdir, step_callback=_no_training)
+    assert result["validation/num_examples"] == first["validation/num_examples"]
+    assert _splits(workdir) == [(1, "train"), (2, "train"), (2, "validation")]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["eval_batch_size"] == 16
+
+
+def test_rejected_restart_leaves_the_workdir_unchanged(data_dir, tmp_path):
+    config = _config("long_range", data_dir, num_train_steps=2)
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir)
+    before = _workdir_files(workdir)
+    assert "config.json" in before
+    wider = apply_overrides(config, {"model.d_model": 32})  # another parameter layout
+    with pytest.raises(ValueError, match="holds a state of another layout"):
+        train_and_evaluate(wider, workdir, step_callback=_no_training)
+    assert _workdir_files(workdir) == before  # config.json still the run's own
+
+
 # ---------------------------------------------------------------------------------------
 # Non-finite policy.
 
@@ -191,8 +260,10 @@ def test_nonfinite_step_is_skipped_bit_for_bit_and_counted(data_dir):
 def test_nonfinite_policy_in_the_loop_skips_counts_then_stops(data_dir, tmp_path):
     config = _config("long_range", data_dir, num_train_steps=8, **_POISON,
                      **{"checkpoint.every_steps": 2})
-    with pytest.raises(NonFiniteError, match=r"2 consecutive non-finite steps ending at step 5"):
+    with pytest.raises(NonFiniteError, match=r"2 consecutive non-finite steps ending at step 5"
+                       r".*the newest checkpoint is step 4 in \S*checkpoints \(") as err:
         train_and_evaluate(config, str(tmp_path))
+    assert "clean" not in str(err.value)
     records = {r["step"]: r for r in _train_records(str(tmp_path))}
     assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 0, 1]
     assert [records[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
@@ -200,6 +271,13 @@ def test_nonfinite_policy_in_the_loop_skips_counts_then_stops(data_dir, tmp_path
     assert np.isfinite(records[3]["loss"]) and "loss" not in records[2]
     # The skip counters are part of the checkpointed state.
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [2, 4]
+
+    # No checkpoint saved before the stop: the message says so instead of naming one.
+    never = apply_overrides(config, {"checkpoint.every_steps": 0})  # same compiled program
+    with pytest.raises(NonFiniteError, match=r"ending at step 5.*no checkpoint has been saved "
+                       r"in \S*never\S*checkpoints: lower"):
+        train_and_evaluate(never, str(tmp_path / "never"))
+    assert os.listdir(tmp_path / "never" / "checkpoints") == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,6 +345,115 @@ def test_checkpointer_roundtrip_and_verification(tmp_path):
         fresh.restore_latest(_payload(1.0), _iterator(), sig)
     fresh.close()
     ckpt.close()
+
+
+def test_checkpoint_with_an_edited_data_position_is_rejected(tmp_path):
+    it = _iterator()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    sig = state_signature(_payload(1.0))
+    for step in (2, 4):
+        next(it)
+        ckpt.save(step, _payload(float(step)), it, sig)
+    ckpt.close()
+    # Step 4's iterator file set to another valid position (step 2's): the state still
+    # matches its fingerprint, but resuming from it would train on other batches.
+    data_file = tmp_path / "ckpt" / "4" / "data" / "process_0-of-1.json"
+    position = json.loads(data_file.read_text())
+    assert position["last_seen_indices"] == {"0": 7}
+    position["last_seen_indices"] = {"0": 3}
+    data_file.write_text(json.dumps(position))
+    fresh = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step 4 .*data position changed "
+                      r"after saving \(data fingerprint [0-9a-f]{16} != saved [0-9a-f]{16}; "
+                      r'process 0: last_seen_indices \{"0": 3\} != saved \{"0": 7\}\)'):
+        step, payload = fresh.restore_latest(_payload(1.0), _iterator(), sig)
+    assert step == 2
+    np.testing.assert_array_equal(payload["train_state"]["w"], _payload(2.0)["train_state"]["w"])
+    assert fresh.all_steps() == [2]
+
+    # A checkpoint from before data positions were fingerprinted: restored, with a warning.
+    meta_file = tmp_path / "ckpt" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["data_fingerprint"], meta["data_position"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"step 2 .* written before data positions were "
+                      r"fingerprinted: its data position is not verified"):
+        step, _ = fresh.restore_latest(_payload(1.0), _iterator(), sig)
+    assert step == 2
+    fresh.close()
+
+
+def test_unwritable_checkpoint_directory_fails_before_training(data_dir, tmp_path):
+    """A read-only checkpoints/ (as a non-root user; root ignores permissions)."""
+    config = _config("long_range", data_dir, num_train_steps=2)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    ckpt_dir.chmod(0o555)
+    try:
+        if os.access(ckpt_dir, os.W_OK):
+            pytest.skip("this user can write to a read-only directory (root)")
+        with pytest.raises(PermissionError, match=f"checkpoint directory {ckpt_dir} is not "
+                           "writable"):
+            train_and_evaluate(config, str(tmp_path), step_callback=_no_training)
+    finally:
+        ckpt_dir.chmod(0o755)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # no config.json, no metrics
+
+
+def test_checkpoint_path_under_a_file_fails_before_training(data_dir, tmp_path):
+    """What a read-only checkpoints/ does for any user: a checkpoints path that cannot be a
+    directory (here a regular file) is an error naming it before any step or write."""
+    config = _config("long_range", data_dir, num_train_steps=2)
+    (tmp_path / "checkpoints").write_text("not a directory")
+    with pytest.raises(FileExistsError, match=f"checkpoint directory {tmp_path}/checkpoints "
+                       "is not writable"):
+        train_and_evaluate(config, str(tmp_path), step_callback=_no_training)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+def test_failing_async_save_raises_at_once(tmp_path):
+    """A checkpoint directory that becomes unusable after the start fails the next save
+    immediately (orbax alone would make save() wait 300 s for its background mkdir)."""
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3, async_save=True)
+    sig = state_signature(_payload(1.0))
+    ckpt.save(1, _payload(1.0), _iterator(), sig)
+    ckpt.wait()
+    shutil.rmtree(tmp_path / "ckpt")
+    (tmp_path / "ckpt").write_text("not a directory")  # no step directory can be made
+    outcome = []
+
+    def save():
+        try:
+            ckpt.save(2, _payload(2.0), _iterator(), sig)
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001
+            outcome.append(err)
+
+    thread = threading.Thread(target=save, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "save() still waiting after 60 s"
+    (err,) = outcome
+    assert isinstance(err, OSError) and str(tmp_path / "ckpt") in str(err), err
+
+
+def test_a_finished_run_loads_from_read_only_storage(data_dir, tmp_path, monkeypatch):
+    """load_run only reads: no writability check (a root user cannot chmod-test it, so
+    every directory is made to fail the check instead)."""
+    from globalattn.train import checkpoint
+    from globalattn.train.trained import load_run
+
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(_config("long_range", data_dir, num_train_steps=2), workdir)
+
+    def unwritable(directory):
+        raise PermissionError(13, f"checkpoint directory {directory} is not writable")
+
+    monkeypatch.setattr(checkpoint, "check_writable", unwritable)
+    with pytest.raises(PermissionError, match="is not writable"):
+        Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
+    config, _, params = load_run(workdir)
+    assert config.num_train_steps == 2 and jax.tree.leaves(params)
 
 
 def _flip_bytes(step_dir: str) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from globalattn.train import inputs
 from globalattn.train.evaluation import evaluate
+from globalattn.train.metrics import _duration
 from globalattn.train.config import RunSpec, apply_overrides, validate_config
 from globalattn.train.optim import learning_rate_schedule, make_optimizer
 from globalattn.train.state import init_state
@@ -166,7 +167,10 @@ def train_variants(config: ml_collections.ConfigDict, variants: Sequence[Variant
         ``optim.learning_rate`` are replaced per variant).
       variants: the runs (see :func:`grid`).
       eval_splits: default ``config.data.final_eval_splits``.
-      print_fn: progress lines every ``config.log_every`` steps (None: silent).
+      print_fn: progress lines every ``config.log_every`` steps (None: silent): the
+        loss of each variant, the program's steps/s and the ETA of the remaining
+        training steps of the whole K-variant program (timed from after its
+        compilation; the final evaluation is not included).
 
     Raises:
       ValueError: an invalid config or variant list, naming the values.
@@ -206,8 +210,11 @@ def train_variants(config: ml_collections.ConfigDict, variants: Sequence[Variant
             history.append(jax.device_get(pending))
             pending = None
             loss = " ".join(f"{x:.3f}" for x in history[-1]["loss"])
+            rate = step / (time.perf_counter() - t)  # t: after compilation
+            eta = _duration((config.num_train_steps - step) / rate)
             print_fn(f"step {step}/{config.num_train_steps}  loss per variant: {loss}  "
-                     f"({step / (time.perf_counter() - t):.2f} steps/s)")
+                     f"({rate:.2f} steps/s of all {len(variants)} variants; ETA {eta} for the "
+                     f"whole {len(variants)}-variant program's training)")
         if step < config.num_train_steps:
             batch = inputs.with_weights(next(train_iter), batch_size)
     if pending is not None:

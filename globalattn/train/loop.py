@@ -15,7 +15,10 @@ Workdir layout::
 Rerunning with the same workdir resumes from the newest trustworthy
 checkpoint: params, optimizer state, step, PRNG key and data position, so the
 remaining steps see the same batches and random numbers as an unbroken run
-(on CPU the losses agree bit for bit).
+(on CPU the losses agree bit for bit). A restart is checked (checkpoint
+directory writable, checkpoint layout matching the config) before anything in
+the workdir is written. Rerunning a finished run writes nothing (see
+:func:`train_and_evaluate`).
 """
 from __future__ import annotations
 
@@ -115,20 +118,38 @@ def _program(config: ml_collections.ConfigDict, spec: RunSpec) -> _Program:
     return program
 
 
+def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+    """Fields in which ``config`` differs from the workdir's ``config.json`` ([] if none)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    return sorted(_diff(old, json.loads(config.to_json_best_effort())))
+
+
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, "config.json")
-    new = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = sorted(_diff(old, new))
-        if changed:
-            warnings.warn(f"{workdir} was started with another config; changed fields: {changed}",
-                          stacklevel=3)
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2)
+    changed = _config_changes(workdir, config)
+    if changed:
+        warnings.warn(f"{workdir} was started with another config; changed fields: {changed}",
+                      stacklevel=3)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+
+
+def _finished_result(workdir: str, step: int, params_fingerprint: str) -> dict[str, Any] | None:
+    """The stored result of a run that finished at ``step`` with these params, else None."""
+    path = os.path.join(workdir, "final_metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    if (result.get("step") != step or result.get("preempted")
+            or result.get("fingerprint") != params_fingerprint):
+        return None
+    return result
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
@@ -154,6 +175,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        step_callback: StepCallback | None = None) -> dict[str, Any]:
     """Trains (or resumes) ``config`` in ``workdir``, evaluates, returns the final metrics.
 
+    Before anything is written to the workdir, the checkpoint directory is
+    checked for writability and an existing checkpoint for compatibility with
+    ``config`` (its state layout); ``config.json`` is written only after that.
+
+    Rerunning a finished run (its checkpoint at ``num_train_steps`` and its
+    ``final_metrics.json`` for those parameters) with the same config trains
+    and evaluates nothing and writes nothing (no ``metrics.jsonl`` lines, no
+    TensorBoard events file): it prints that the run is finished and returns
+    the stored ``final_metrics.json`` (``wall_time_s`` is the original run's).
+    With a changed config (same layout; a warning names the changed fields), or
+    if the final evaluation never completed, the final evaluation is redone
+    under ``config``: its earlier records at the final step are replaced in
+    ``metrics.jsonl`` (never duplicated), and its TensorBoard scalars go to a
+    new events file.
+
     Args:
       config: an experiment config (``configs/*.py``); validated first.
       workdir: output directory; an existing one is resumed.
@@ -166,13 +202,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       (of the final params), 'wall_time_s'}``.
 
     Raises:
-      ValueError: invalid config (every problem listed).
+      ValueError: invalid config (every problem listed), or a checkpoint in the
+        workdir of another state layout (nothing in the workdir is changed).
+      OSError: the checkpoint directory is not writable (named in the message).
       NonFiniteError: ``nonfinite.max_consecutive`` consecutive skipped steps.
     """
     start_time = time.perf_counter()
     spec = validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    _write_config(workdir, config)
     program = _program(config, spec)
     mesh = program.mesh
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -184,10 +221,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     signature = state_signature(abstract)
 
     train_iter = inputs.make_train_iterator(config)
+    # Checks before anything is written: an unwritable checkpoint directory (OSError) and
+    # a checkpoint of another layout (ValueError) leave the workdir as it was.
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         max_to_keep=config.checkpoint.max_to_keep,
                         async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(abstract, train_iter, signature)
+    try:
+        restored = ckpt.restore_latest(abstract, train_iter, signature)
+    except BaseException:
+        ckpt.close()
+        raise
+    total = config.num_train_steps
+    if restored is not None and restored[0] == total:
+        changed = _config_changes(workdir, config)
+        done = None if changed else _finished_result(
+            workdir, total, fingerprint(restored[1]["train_state"].params))
+        if done is not None:
+            ckpt.close()
+            Progress(total, total).print(total, "finished", {
+                "workdir": workdir, "result": "final_metrics.json (nothing rerun)"})
+            return done
+    _write_config(workdir, config)
     if restored is None:
         start_step = 0
         with jax.set_mesh(mesh):
@@ -205,9 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # each process's identical copy.)
     train_key = jax.random.wrap_key_data(jax.make_array_from_process_local_data(
         replicated, np.asarray(jax.random.key_data(train_key))))
-    total = config.num_train_steps
     writer = MetricWriter(workdir, tensorboard=config.tensorboard,
-                          resume_step=start_step if restored else None)
+                          resume_step=start_step if restored else None,
+                          redo_evals=bool(restored) and start_step >= total)
     progress = Progress(start_step, total)
     if restored:
         progress.print(start_step, "resume", {"from": ckpt.directory})
@@ -240,11 +294,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if step_callback is not None:
                 step_callback(step, m)
             if m["consecutive_nonfinite"] >= config.nonfinite.max_consecutive:
+                if saved_step is None:
+                    saved = f"no checkpoint has been saved in {ckpt.directory}"
+                else:
+                    saved = (f"the newest checkpoint is step {saved_step} in {ckpt.directory} "
+                             "(skipped steps apply no update, so it holds none from a "
+                             "non-finite step)")
                 raise NonFiniteError(
                     f"{int(m['consecutive_nonfinite'])} consecutive non-finite steps ending at "
                     f"step {step} (nonfinite.max_consecutive={config.nonfinite.max_consecutive}); "
-                    f"no update was applied for them, so the newest checkpoint in "
-                    f"{ckpt.directory} is clean: lower the learning rate or fix the data")
+                    f"no update was applied for them; {saved}: lower the learning rate or fix "
+                    "the data")
 
     def log(step: int) -> None:
         nonlocal last_train
@@ -258,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         avg["skipped_steps"] = len(interval) - len(finite)
         avg["batch_hash"] = interval[-1]["batch_hash"]
         rate = progress.rate(step)
-        avg["steps_per_sec"] = rate
+        if rate is not None:
+            avg["steps_per_sec"] = rate
         writer.write(step, "train", avg)
         progress.print(step, "train", {k: v for k, v in avg.items()
                                        if k in ("loss", "accuracy", "exact_match", "grad_norm")},
@@ -290,12 +351,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     state, inputs.to_global(np_batch, batch_sharding), train_key)
                 drain()  # the previous step's metrics
                 step += 1
+                if not progress.started:  # the first step compiled: time steps from here
+                    jax.block_until_ready(dev_metrics)
+                    progress.start(step)
                 pending.append((step, dev_metrics, bhash))
                 if step % config.log_every == 0 or step == total:
                     log(step)
                 if config.eval_every and step % config.eval_every == 0 and step < total:
                     drain()
                     run_eval(step, config.data.eval_splits)
+                    progress.start(step)  # the rate and ETA count training steps only
                 every = config.checkpoint.every_steps
                 if (every and step % every == 0) or step == total:
                     drain()

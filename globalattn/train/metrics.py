@@ -7,8 +7,11 @@
 
 ``split`` is 'train' or an eval split name. On resume, records of steps after
 the restored checkpoint are dropped first, so the file reads as one unbroken
-run. TensorBoard events go to ``<workdir>/tensorboard`` as ``<split>/<name>``.
-Only process 0 writes.
+run; when the final evaluation is redone, the evaluation records at the
+restored step are dropped too (``redo_evals``). ``steps_per_sec`` is absent
+from an interval with no timed step (the compiling first step is not timed).
+TensorBoard events go to ``<workdir>/tensorboard`` as ``<split>/<name>`` (each
+writer opens a new events file). Only process 0 writes.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def _jsonable(v: Any) -> Any:
 class MetricWriter:
     """Writes metric records to JSONL (+ TensorBoard); a no-op on processes other than 0."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None,
+                 redo_evals: bool = False):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
@@ -50,15 +54,16 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            self._truncate_after(resume_step, redo_evals)
         self._file: TextIO = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: heavy, and optional
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
-    def _truncate_after(self, step: int) -> None:
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+    def _truncate_after(self, step: int, drop_evals_at_step: bool = False) -> None:
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) < step or (
+            r.get("step", 0) == step and not (drop_evals_at_step and r.get("split") != "train"))]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(self.path + ".tmp", self.path)
@@ -84,19 +89,38 @@ class MetricWriter:
 
 
 class Progress:
-    """Step rate and ETA over the last interval (so compile time does not skew it)."""
+    """Step rate and ETA of one run (one ``train_and_evaluate`` call) over the last interval.
+
+    Timing starts at :meth:`start`, which the loop calls once the first step has
+    compiled and run (and again after each mid-run evaluation), so neither
+    compilation nor evaluation counts: the ETA is for this run's remaining
+    training steps only (not its final evaluation, not other runs of a sweep).
+    """
 
     def __init__(self, start_step: int, total_steps: int, stream: TextIO | None = None):
         self.total = total_steps
         self.stream = stream or sys.stdout
-        self._last_step, self._last_time = start_step, time.perf_counter()
+        self._last_step, self._last_time = start_step, None
 
-    def rate(self, step: int) -> float:
-        """Steps per second since the previous call; resets the interval."""
+    @property
+    def started(self) -> bool:
+        return self._last_time is not None
+
+    def start(self, step: int) -> None:
+        """Starts (or restarts) the timed interval at ``step``."""
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def rate(self, step: int) -> float | None:
+        """Steps per second in the timed interval, then a new interval starts.
+
+        None before :meth:`start` or when no step was timed.
+        """
+        if self._last_time is None:
+            return None
         now = time.perf_counter()
-        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        steps, seconds = step - self._last_step, now - self._last_time
         self._last_step, self._last_time = step, now
-        return rate
+        return steps / max(seconds, 1e-9) if steps > 0 else None
 
     def print(self, step: int, split: str, values: Mapping[str, Any], rate: float | None = None
               ) -> None:
@@ -108,7 +132,7 @@ class Progress:
             line += f" | {shown}"
         if rate is not None and rate > 0:
             eta = (self.total - step) / rate
-            line += f" | {rate:.2f} steps/s | ETA {_duration(eta)}"
+            line += f" | {rate:.2f} steps/s | ETA {_duration(eta)} (this run's training)"
         print(line, file=self.stream, flush=True)
 
 

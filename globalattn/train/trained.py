@@ -59,7 +59,8 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, Any, Any]:
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     abstract = {"train_state": abstract_state,
                 "rng": jax.ShapeDtypeStruct(key_shape, np.uint32, sharding=replicated)}
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, async_save=False)
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.max_to_keep, async_save=False,
+                        writable=False)  # loading only: read-only storage is fine
     try:
         restored = ckpt.restore_latest(abstract, None, state_signature(abstract))
     finally:
