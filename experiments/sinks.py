@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments import render
 from globalattn import data as data_lib
 from globalattn import measure as measure_lib
 from globalattn.data import charlm
@@ -47,7 +48,7 @@ def measure(module, arg: str | None, *, workdir: str, data_dir: str | None) -> d
     n_seq = min(config.sink_metric.num_sequences, (val.size - 1) // T)
     probe = val[:n_seq * T].reshape(n_seq, T)
 
-    rows = []
+    runs_out = []
     for name, cfg in runs:
         print(f"\n=== {name} ===", flush=True)
         trained = train_and_evaluate(cfg, os.path.join(workdir, name))
@@ -56,52 +57,91 @@ def measure(module, arg: str | None, *, workdir: str, data_dir: str | None) -> d
         ppl = {x: measure_lib.streaming_perplexity(model, params, streams, initial_tokens=x,
                                                    cache_size=C) for x in xs}
         sink = measure_lib.sink_metric(model, params, probe,
-                                       threshold=config.sink_metric.threshold)
+                                       threshold=config.sink_metric.threshold,
+                                       local=config.sink_metric.local)
         eval_s = time.perf_counter() - t0
         print(f"{name}: streaming ppl {ppl} | sink metric {sink['metric']:.2f} | "
+              f"attention to the first token {sink['mean_alpha']:.3f} | last "
+              f"{config.sink_metric.local} tokens {sink['local_mass']:.3f} | "
               f"eval {eval_s:.0f} s", flush=True)
-        rows.append({"variant": name, "validation/loss": trained["validation/loss"],
-                     "validation/perplexity": math.exp(trained["validation/loss"]),
-                     "train_s": trained["wall_time_s"], "ppl": ppl, "sink": sink,
-                     "eval_s": eval_s})
+        runs_out.append({"run": name, "variant": name.split("/")[0], "seed": cfg.seed,
+                         "validation/loss": trained["validation/loss"],
+                         "validation/perplexity": math.exp(trained["validation/loss"]),
+                         "train_s": trained["wall_time_s"], "ppl": ppl, "sink": sink,
+                         "eval_s": eval_s})
 
     names = module.VARIANTS
     lo, hi = min(xs), max(xs)
-    zero = any(r["variant"] == "zero_sink" for r in rows)
-    columns = [["variant", ""]] + [[f"{x}+{C - x}", ".4g"] for x in xs] + [
-        [f"dense, T = {T} (val)", ".4g"], ["sink metric", ".2f"],
-        ["attn. to 1st token, mean / max", ""]] + ([["zero-sink column mass", ".2f"]]
-                                                    if zero else [])
-    table_rows = []
-    for r in rows:
-        alpha = np.asarray(r["sink"]["alpha"])
-        row = [names.get(r["variant"], r["variant"])] + [r["ppl"][x] for x in xs] + [
-            r["validation/perplexity"], r["sink"]["metric"],
-            f"{r['sink']['mean_alpha']:.3f} / {alpha.max():.3f}"]
+    rows: dict[str, list[dict]] = {}
+    for r in runs_out:
+        rows.setdefault(r["variant"], []).append(r)
+    zero = "zero_sink" in rows
+
+    def ci(values: list[float], fmt: str) -> str:
+        mean, half = render.interval(values)
+        return format(mean, fmt) if len(values) == 1 else \
+            f"{format(mean, fmt)} ± {format(half, fmt)}"
+
+    columns = [["variant", ""]] + [[f"{x}+{C - x}", ""] for x in xs] + [
+        [f"dense, T = {T} (val)", ""], ["sink metric", ""],
+        ["attn. to 1st token", ""], [f"attn. to last {config.sink_metric.local} tokens", ""]
+    ] + ([["zero-sink column mass", ".2f"]] if zero else [])
+    table_rows, evict, metric, ppl_mean = [], {}, {}, {}
+    for variant, group in rows.items():
+        alpha = [g["sink"]["mean_alpha"] for g in group]
+        row = [names.get(variant, variant)] + [ci([g["ppl"][x] for g in group], ".4g")
+                                               for x in xs] + [
+            ci([g["validation/perplexity"] for g in group], ".4g"),
+            ci([g["sink"]["metric"] for g in group], ".2f"), ci(alpha, ".3f"),
+            ci([g["sink"]["local_mass"] for g in group], ".2f")]
         if zero:
-            row.append(r["sink"]["sink_logit_mass"] if r["variant"] == "zero_sink" else None)
+            row.append(float(np.mean([g["sink"]["sink_logit_mass"] for g in group]))
+                       if variant == "zero_sink" else None)
         table_rows.append(row)
+        changes = [100 * (g["ppl"][lo] / g["ppl"][hi] - 1) for g in group]
+        mean, half = render.interval(changes)
+        evict[variant] = {"mean": mean, "half_width": half, "each": changes}
+        metric[variant] = float(np.mean([g["sink"]["metric"] for g in group]))
+        ppl_mean[variant] = {f"x{x}": float(np.mean([g["ppl"][x] for g in group]))
+                             for x in xs}
     values = {
         "seq_len": T, "params": measure_lib.count_params(runs[0][1]),
+        "num_seeds": len(next(iter(rows.values()))),
         "tokens_seen_m": config.num_train_steps * config.batch_size * T / 1e6,
-        "train_min": sum(r["train_s"] for r in rows) / 60,
-        "eval_min": sum(r["eval_s"] for r in rows) / 60,
+        "train_min": sum(r["train_s"] for r in runs_out) / 60,
+        "eval_min": sum(r["eval_s"] for r in runs_out) / 60,
         "uniform_alpha": float(np.mean(1.0 / np.arange(1, T + 1))),
-        "evict_change": {r["variant"]: 100 * (r["ppl"][lo] / r["ppl"][hi] - 1) for r in rows},
-        "metric": {r["variant"]: r["sink"]["metric"] for r in rows},
-        "ppl": {r["variant"]: {f"x{x}": r["ppl"][x] for x in xs} for r in rows}}
-    all_ppl = [v for r in rows for v in r["ppl"].values()]
+        "uniform_local": float(np.mean(np.minimum(np.arange(1, T + 1),
+                                                  config.sink_metric.local)
+                                       / np.arange(1, T + 1))),
+        "evict_change": {v: e["mean"] for v, e in evict.items()},
+        "evict": evict, "metric": metric, "ppl": ppl_mean,
+        "mean_alpha": {v: float(np.mean([g["sink"]["mean_alpha"] for g in group]))
+                       for v, group in rows.items()},
+        "max_alpha": {v: float(max(np.max(g["sink"]["alpha"]) for g in group))
+                      for v, group in rows.items()},
+        "local_mass": {v: float(np.mean([g["sink"]["local_mass"] for g in group]))
+                       for v, group in rows.items()}}
+    all_ppl = [v for r in runs_out for v in r["ppl"].values()]
+
+    def mean_alpha_heads(group: list[dict]) -> list[float]:
+        return np.mean([np.asarray(g["sink"]["alpha"]) for g in group], 0).reshape(-1).tolist()
+
     figure = {"size": [10, 3.8], "panels": [
         {"kind": "lines", "xlabel": "cache: initial + recent tokens",
          "ylabel": "streaming perplexity (per char)", "xticks": [f"{x}+{C - x}" for x in xs],
          "logy": max(all_ppl) > 3 * min(all_ppl),  # a collapse, as in the paper
-         "series": [{"label": names.get(r["variant"], r["variant"]), "x": list(range(len(xs))),
-                     "y": [r["ppl"][x] for x in xs]} for r in rows]},
+         "series": [{"label": names.get(v, v), "x": list(range(len(xs))),
+                     "y": [render.interval([g["ppl"][x] for g in group])[0] for x in xs],
+                     "yerr": [render.interval([g["ppl"][x] for g in group])[1] for x in xs]}
+                    for v, group in rows.items()]},
         {"kind": "lines", "xlabel": "layer-head (layer-major)",
          "ylabel": "mean attention to the first token",
          "hlines": [{"label": "sink threshold", "y": config.sink_metric.threshold,
-                     "color": "k"}],
-         "series": [{"label": names.get(r["variant"], r["variant"]), "style": "o",
-                     "y": np.asarray(r["sink"]["alpha"]).reshape(-1).tolist()} for r in rows]}]}
-    return {"values": values, "rows": rows, "tables": {"results": {
+                     "color": "k"},
+                    {"label": "uniform attention", "y": values["uniform_alpha"],
+                     "color": "gray", "style": ":"}],
+         "series": [{"label": names.get(v, v), "style": "o", "y": mean_alpha_heads(group)}
+                    for v, group in rows.items()]}]}
+    return {"values": values, "rows": runs_out, "tables": {"results": {
         "columns": columns, "rows": table_rows}}, "figures": [figure]}

@@ -217,7 +217,7 @@ def streaming_perplexity(model: nn.Module, params: Any, streams: np.ndarray, *,
 
 
 def sink_metric(model: nn.Module, params: Any, tokens: np.ndarray, *, threshold: float,
-                key_index: int = 0) -> dict[str, Any]:
+                key_index: int = 0, local: int = 8) -> dict[str, Any]:
     """Gu et al. 2024's sink metric on dense causal forwards of ``tokens [B, T]``.
 
     ``alpha[l, h]`` = attention to stream token ``key_index`` (the first token: the
@@ -225,14 +225,26 @@ def sink_metric(model: nn.Module, params: Any, tokens: np.ndarray, *, threshold:
     see it and over the B sequences. The metric is the fraction of layer-heads with
     ``alpha > threshold``.
 
+    Where the attention goes instead: ``local_mass`` is the attention on the
+    ``local`` most recent keys (the query's own included), averaged the same way
+    over every query and layer-head.
+
     Returns:
-      ``{'metric', 'alpha' [L][N], 'mean_alpha', 'sink_logit_mass'}``; the last is
-      the mean attention mass on the sink-logit column (0 without sink logits).
+      ``{'metric', 'alpha' [L][N], 'mean_alpha', 'local_mass', 'sink_logit_mass'}``;
+      the last is the mean attention mass on the sink-logit column (0 without sink
+      logits).
     """
+    if not isinstance(local, int) or local < 1:
+        raise ValueError(f"local must be an int >= 1, got {local!r}")
     maps = jax.jit(lambda p, t: model.apply({"params": p}, t, method="attention_weights"))
     w = maps(params, jnp.asarray(tokens, jnp.int32))  # [L, B, N, S, S]
     alpha = jnp.mean(w[..., key_index:, key_index], axis=(1, 3))  # [L, N]
+    S = w.shape[-1]
+    offset = jnp.arange(S)[:, None] - jnp.arange(S)[None, :]  # query - key
+    band = (offset >= 0) & (offset < local)
+    local_mass = jnp.mean(jnp.sum(jnp.where(band, w, 0.0), axis=-1))
     column = jnp.mean(1.0 - jnp.sum(w, axis=-1))
     alpha = np.asarray(alpha)
     return {"metric": float(np.mean(alpha > threshold)), "alpha": alpha.tolist(),
-            "mean_alpha": float(alpha.mean()), "sink_logit_mass": float(column)}
+            "mean_alpha": float(alpha.mean()), "local_mass": float(local_mass),
+            "sink_logit_mass": float(column)}
