@@ -5,17 +5,28 @@ al., 2020): 4,096-token inputs, the first token (``<s>``) global, a
 classification head on it, AdamW at 3e-5 with warmup, batch 32::
 
     python -m globalattn.convert hf --model-dir /ckpt/hf/longformer-base-4096 --out /ckpt/lf_base
-    python -m experiments.train --config=configs/finetune_longformer_classify.py \\
+    python -m experiments.train --config=configs/finetune_longformer_classify.py:jsonl \\
         --config.init_from=/ckpt/lf_base --workdir=/tmp/lf_cls \\
-        --config.data.name=NAME --config.data.config=CFG --config.data.data_dir=DIR
+        --config.data.config=/data/imdb_lf --config.data.data_dir=/data/tfds
 
-``data`` must be a registered classification task tokenised with the
-checkpoint's vocabulary; without overrides it is the synthetic long-range
-retrieval task (a runnable stand-in, not IMDB).
+``/data/imdb_lf`` is a directory of IMDB (or Hyperpartisan, ...) tokenised with
+the checkpoint's tokenizer (the ids the model takes, its special tokens included):
+``metadata.json`` (``{"kind": "classification", "vocab_size": 50265,
+"max_length": 4096, "num_classes": 2}``), ``train.jsonl`` and
+``validation.jsonl`` (``test.jsonl`` optional) with one ``{"tokens": [...],
+"label": k}`` per line (format and checks: :mod:`globalattn.data.jsonl`). The
+first run validates every line and converts the files once into
+``data.data_dir`` (a pod: run ``python -m globalattn.data prepare jsonl
+/data/imdb_lf --data_dir /data/tfds`` once first). Any other registered
+classification task tokenised with the checkpoint's vocabulary works through
+``--config.data.name=NAME --config.data.config=CFG``; without overrides the data
+is the synthetic long-range retrieval task (a runnable stand-in, not IMDB).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: ``init_from``
-is the tiny random checkpoint ``tests/fixtures/hf_golden/longformer_cls``, loaded in
-memory, with the tiny retrieval data; 3 steps)::
+Args: '' (the paper-scale run), 'quick' (200 steps), 'jsonl' (the paper-scale run on
+the JSONL directory given by ``--config.data.config``, final evaluation on its
+validation split), 'test' (CPU-sized: ``init_from`` is the tiny random checkpoint
+``tests/fixtures/hf_golden/longformer_cls``, loaded in memory, with the tiny
+retrieval data; 3 steps)::
 
     python -m experiments.train --config=configs/finetune_longformer_classify.py:test \\
         --workdir=/tmp/finetune_longformer_classify_test
@@ -30,7 +41,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = check_arg(arg, ("quick", "test"))
+    arg = check_arg(arg, ("quick", "jsonl", "test"))
     c = base_config()
     c.data.name = "long_range_retrieval"
     c.data.config = "t64"
@@ -48,6 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "quick":  # a smoke run of the full configuration
         c.num_train_steps = 200
         c.optim.warmup_steps = 20
+    elif arg == "jsonl":  # local pre-tokenised files: --config.data.config=DIR (required)
+        c.data.name = "jsonl"
+        c.data.config = ""  # the JSONL directory; empty is an error naming what is needed
+        # test.jsonl is optional; to evaluate one at the end add
+        # --config.data.final_eval_splits='("validation", "test")'
+        c.data.final_eval_splits = ("validation",)
     elif arg == "test":  # CPU-sized: a tiny converted model, tiny data, 3 steps
         shrink_for_tests(c)
         # The tiny random Hugging Face checkpoint the parity tests use (loaded in memory).

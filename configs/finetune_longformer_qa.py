@@ -7,18 +7,30 @@ released checkpoint once, then fine-tune (every host of a pod runs the same
 command; see the README section "Fine-tune a pretrained Longformer")::
 
     python -m globalattn.convert hf --model-dir /ckpt/hf/longformer-base-4096 --out /ckpt/lf_base
-    python -m experiments.train --config=configs/finetune_longformer_qa.py \\
+    python -m experiments.train --config=configs/finetune_longformer_qa.py:jsonl \\
         --config.init_from=/ckpt/lf_base --workdir=/tmp/lf_qa \\
-        --config.data.name=NAME --config.data.config=CFG --config.data.data_dir=DIR
+        --config.data.config=/data/triviaqa_lf --config.data.data_dir=/data/tfds
 
-``data`` must be a registered span task whose tokens are the checkpoint's
-(RoBERTa BPE) ids with ``segment_ids`` 0 on the question, and ``start`` /
-``end`` answer positions; without overrides it is the synthetic span QA task
-(a runnable stand-in, not TriviaQA).
+``/data/triviaqa_lf`` is a directory of TriviaQA tokenised with the
+checkpoint's tokenizer (RoBERTa BPE ids, ``<s>`` and separators included):
+``metadata.json`` (``{"kind": "span", "vocab_size": 50265, "max_length": 4096,
+"max_question_length": 64}``), ``train.jsonl`` and ``validation.jsonl`` with one
+``{"tokens": [...], "segment_ids": [...], "start": s, "end": e}`` per line:
+``segment_ids`` 0 on the question (the global tokens; at most
+``model.strategy.num_globals``, 64, of them), 1 on the context, ``start`` /
+``end`` the inclusive answer token positions (format and checks:
+:mod:`globalattn.data.jsonl`). The first run validates every line and converts
+the files once into ``data.data_dir`` (a pod: run ``python -m globalattn.data
+prepare jsonl /data/triviaqa_lf --data_dir /data/tfds`` once first). Any other
+registered span task with the same conventions works through
+``--config.data.name=NAME --config.data.config=CFG``; without overrides the data
+is the synthetic span QA task (a runnable stand-in, not TriviaQA).
 
-Args: '' (the paper-scale run), 'quick' (200 steps), 'test' (CPU-sized: ``init_from``
-is the tiny random checkpoint ``tests/fixtures/hf_golden/longformer_qa``, loaded in
-memory, with the tiny span QA data; 3 steps)::
+Args: '' (the paper-scale run), 'quick' (200 steps), 'jsonl' (the paper-scale run on
+the JSONL directory given by ``--config.data.config``, final evaluation on its
+validation split), 'test' (CPU-sized: ``init_from`` is the tiny random checkpoint
+``tests/fixtures/hf_golden/longformer_qa``, loaded in memory, with the tiny span QA
+data; 3 steps)::
 
     python -m experiments.train --config=configs/finetune_longformer_qa.py:test \\
         --workdir=/tmp/finetune_longformer_qa_test
@@ -33,7 +45,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = check_arg(arg, ("quick", "test"))
+    arg = check_arg(arg, ("quick", "jsonl", "test"))
     c = base_config()
     c.data.name = "span_qa"
     c.data.config = "r32"
@@ -54,6 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "quick":  # a smoke run of the full configuration
         c.num_train_steps = 200
         c.optim.warmup_steps = 20
+    elif arg == "jsonl":  # local pre-tokenised files: --config.data.config=DIR (required)
+        c.data.name = "jsonl"
+        c.data.config = ""  # the JSONL directory; empty is an error naming what is needed
+        # test.jsonl is optional; to evaluate one at the end add
+        # --config.data.final_eval_splits='("validation", "test")'
+        c.data.final_eval_splits = ("validation",)
     elif arg == "test":  # CPU-sized: a tiny converted model, tiny data, 3 steps
         shrink_for_tests(c)
         # The tiny random Hugging Face checkpoint the parity tests use (loaded in memory).

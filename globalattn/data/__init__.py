@@ -15,6 +15,10 @@ Tasks (TFDS builder name -> configs, the first is the default):
   'r32', 'r64', 'tiny'.
 * ``charlm`` (:mod:`.charlm`): character-level language modelling on Python
   source text (next-character labels, 'token' kind); configs 'stdlib_t128', 'tiny'.
+* ``jsonl`` (:mod:`.jsonl`): pre-tokenised local data (e.g. TriviaQA, IMDB in a
+  checkpoint's vocabulary) for fine-tuning; the config is the directory of its
+  ``metadata.json`` and ``train`` / ``validation`` [/ ``test``] ``.jsonl`` files,
+  classification or span QA lines, validated strictly when converted.
 
 Entry points (see :mod:`.pipeline` for the batch format):
 
@@ -32,6 +36,7 @@ Any config can be given by name, as a TaskConfig, or as a dict of overrides
 from globalattn.data import charlm
 from globalattn.data.builders import TaskConfig, TaskMetadata
 from globalattn.data.charlm import CharLmConfig
+from globalattn.data.jsonl import JsonlConfig
 from globalattn.data.listops import ListOpsConfig
 from globalattn.data.mqar import MqarConfig
 from globalattn.data.pipeline import (
@@ -57,6 +62,7 @@ __all__ = [
     "ByteTokenize",
     "CharLmConfig",
     "FormatExample",
+    "JsonlConfig",
     "ListOpsConfig",
     "MqarConfig",
     "RetrievalConfig",

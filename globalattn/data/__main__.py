@@ -2,6 +2,7 @@
 
     python -m globalattn.data prepare listops short --data_dir /tmp/tfds
     python -m globalattn.data prepare mqar '{"base": "tiny", "num_train": 5000}'
+    python -m globalattn.data prepare jsonl /data/imdb_tok --data_dir /tmp/tfds  # validate + convert
     python -m globalattn.data prepare-tfds imdb_reviews --data_dir /tmp/tfds  # needs network
     python -m globalattn.data list
 """
@@ -19,12 +20,13 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["prepare", "prepare-tfds", "list"])
     parser.add_argument("name", nargs="?", help="task / catalogue data set name")
-    parser.add_argument("config", nargs="?", help="config name or JSON dict of overrides")
+    parser.add_argument("config", nargs="?",
+                        help="config name, JSON dict of overrides, or (jsonl) the directory")
     parser.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, cls in pipeline.BUILDERS.items():
-            print(name, [c.name for c in cls.BUILDER_CONFIGS])
+            print(name, [c.name for c in cls.BUILDER_CONFIGS] or "(config: a directory)")
         return
     if not args.name:
         parser.error(f"{args.command} needs a name")

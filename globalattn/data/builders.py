@@ -134,6 +134,9 @@ class SyntheticTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     """
 
     BUILDER_CONFIGS: ClassVar[list[TaskConfig]]
+    # True: records are stored in the generator's key order (TFDS ``disable_shuffling``)
+    # instead of TFDS's hash order; a task whose record i must be input line i sets it.
+    DISABLE_SHUFFLING: ClassVar[bool] = False
 
     @abc.abstractmethod
     def _task_features(self) -> dict[str, tfds.features.FeatureConnector]:
@@ -165,6 +168,7 @@ class SyntheticTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             description=f"{(self.__doc__ or '').strip()}\nConfig: {cfg.description or cfg.name}",
             features=tfds.features.FeaturesDict(self._task_features()),
             metadata=metadata,
+            disable_shuffling=self.DISABLE_SHUFFLING,
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:

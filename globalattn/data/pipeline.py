@@ -30,7 +30,9 @@ plus 1 if ``prepend_cls``):
     'segment_ids' int32 [B, T] (0 where meaningless and on padding);
   * classification ('listops', 'long_range_retrieval'): 'label' int32 [B];
   * token tasks ('mqar', 'charlm'): 'labels' int32 [B, T], 'label_mask' bool [B, T];
-  * span QA ('span_qa'): 'start' int32 [B], 'end' int32 [B] (inclusive).
+  * span QA ('span_qa'): 'start' int32 [B], 'end' int32 [B] (inclusive);
+  * 'jsonl' (pre-tokenised local files, :mod:`.jsonl`): classification or span QA,
+    as its metadata.json says.
 An example longer than T is an error naming both lengths; nothing is truncated.
 """
 from __future__ import annotations
@@ -43,13 +45,15 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from globalattn.data import builders, charlm, listops, mqar, retrieval, span_qa
+from globalattn.data import builders, charlm, jsonl, listops, mqar, retrieval, span_qa
 
-# The one registry of data sets: TFDS builder name -> builder class.
+# The one registry of data sets: TFDS builder name -> builder class. A builder without
+# BUILDER_CONFIGS (``jsonl``) turns a string config into its TaskConfig with
+# ``config_from_string`` (for ``jsonl``: the directory of its files).
 BUILDERS: dict[str, type[builders.SyntheticTaskBuilder]] = {
     cls.name: cls
     for cls in (listops.Listops, mqar.Mqar, retrieval.LongRangeRetrieval, span_qa.SpanQa,
-                charlm.CharLm)
+                charlm.CharLm, jsonl.Jsonl)
 }
 ConfigArg = str | builders.TaskConfig | Mapping[str, Any] | None
 
@@ -69,11 +73,16 @@ def resolve_config(name: str, config: ConfigArg = None) -> builders.TaskConfig:
         predefined config, a TaskConfig, or a mapping of parameter overrides
         applied to ``config.get('base')`` (default: the default config). An
         override mapping without 'name' gets a name derived from its values,
-        so differently parameterised data sets never share a directory.
+        so differently parameterised data sets never share a directory. For
+        ``jsonl`` it is the directory of the JSONL files (see :mod:`.jsonl`).
     """
     cls = _builder_class(name)
     by_name = {c.name: c for c in cls.BUILDER_CONFIGS}
-    if config is None:
+    from_string = getattr(cls, "config_from_string", None)
+    if from_string is not None and (config is None or isinstance(config, str)) \
+            and config not in by_name:
+        cfg = from_string(config or "")
+    elif config is None:
         cfg = cls.BUILDER_CONFIGS[0]
     elif isinstance(config, str):
         if config not in by_name:

@@ -60,9 +60,13 @@ class SpanQaConfig(builders.TaskConfig):
         return KEY_OFFSET + self.num_keys + self.num_value_tokens
 
     @property
+    def max_question_length(self) -> int:
+        """Tokens of segment 0 (the question: CLS, the key, SEP) in every example."""
+        return 2 + self.key_length
+
+    @property
     def max_length(self) -> int:
-        question = 2 + self.key_length
-        return question + self.num_records * (self.key_length + self.max_value_length)
+        return self.max_question_length + self.num_records * (self.key_length + self.max_value_length)
 
     def metadata(self) -> builders.TaskMetadata:
         return builders.TaskMetadata(kind="span", vocab_size=self.vocab_size, num_classes=None,

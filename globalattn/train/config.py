@@ -447,14 +447,15 @@ def _model_vs_data(config: ml_collections.ConfigDict, m: ModelConfig,
     if encoder and s.name in ("first", "periodic") and s.num_globals > seq_len:
         errors.append(f"model.strategy.num_globals={s.num_globals} > sequence length T={seq_len}")
     if encoder and s.name == "task":
-        if config.data.name != "span_qa":
+        # Span tasks whose segment 0 is the question say how long it can be (span_qa: CLS,
+        # the key, SEP; jsonl: metadata.json's max_question_length).
+        question = getattr(task_cfg, "max_question_length", None)
+        if question is None:
             errors.append(f"strategy 'task' needs question segments; task {config.data.name!r} "
                           "has none")
-        else:
-            question = task_cfg.key_length + 2  # CLS, the key, SEP
-            if s.num_globals < question:
-                errors.append(f"model.strategy.num_globals={s.num_globals} < question length "
-                              f"{question} of span_qa/{config.data.config}")
+        elif s.num_globals < question:
+            errors.append(f"model.strategy.num_globals={s.num_globals} < question length "
+                          f"{question} of {config.data.name}/{config.data.config}")
     n = config.num_active_globals
     if n is not None and not 0 <= n <= capacity:
         errors.append(f"num_active_globals={n} outside [0, capacity G={capacity}] of strategy "
