@@ -117,22 +117,33 @@ def test_tables_validate(name, quick):
 
 
 def test_listops_config_is_the_committed_table():
-    """results/listops.md: 3 layers, 400 steps, window 8, 3 rows (the config's default)."""
+    """results/listops.json: 3 layers, 400 steps, window 8, 3 rows x 3 seeds (the default)."""
     rows = _rows("listops")
-    assert list(rows) == ["window_only", "cls_global", "full_attention"]
+    variants = ["window_only", "cls_global", "full_attention"]
+    assert list(rows) == [f"{v}/seed{s}" for v in variants for s in (0, 1, 2)]
     for c in rows.values():
         assert (c.model.num_layers, c.num_train_steps, c.model.window, c.model.dropout) == \
             (3, 400, 8, 0.0)
     with open(os.path.join(ROOT, "results", "listops.json")) as f:
         committed = json.load(f)
-    assert [r["variant"] for r in committed["rows"]] == list(rows)
-    assert all(r["steps"] == 400 and r["layers"] == 3 for r in committed["rows"])
+    assert [r["variant"] for r in committed["rows"]] == variants
+    assert all(r["steps"] == 400 and r["layers"] == 3 and r["seeds"] == [0, 1, 2]
+               for r in committed["rows"])
+    assert "beyond_reach" in committed["tables"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_table_row_has_three_seeds(name):
+    seeds: dict[str, set] = {}
+    for run, config in _rows(name).items():
+        seeds.setdefault(run.split("/")[0], set()).add(config.seed)
+    assert all(len(s) >= 3 for s in seeds.values()), seeds
 
 
 def test_long_range_window_rows_are_provably_at_chance():
     rows = {n: c for n, c in _rows("long_range").items() if n.startswith("window_only")}
     assert {c.model.num_layers for c in rows.values()} == {2, 3}
-    assert {c.seed for c in rows.values()} == {0, 1}
+    assert {c.seed for c in rows.values()} == {0, 1, 2}
     for c in rows.values():
         task = data_lib.resolve_config(c.data.name, c.data.config)
         assert data_lib.window_cannot_solve(c.model.num_layers, c.model.window, task)
@@ -144,7 +155,7 @@ def test_long_range_window_rows_are_provably_at_chance():
 
 
 def test_strategies_have_equal_budget():
-    rows = _rows("strategies")
+    rows = {n.split("/")[0]: c for n, c in _rows("strategies").items() if n.endswith("seed0")}
     caps = {n: validate_config(c).capacity for n, c in rows.items()}
     assert caps == {"window_only": 0, "first_8": 8, "periodic_8": 8, "extra_8": 8,
                     "bigbird_8": 8, "bigbird_random_window": 8, "perceiver_8": 8,
