@@ -16,6 +16,10 @@ The LRA setup itself is ``configs/listops.py:lra``, a pod job: lengths 500-2000
     python -m experiments.compile --config=configs/listops.py:lra --topology=v5e:4x4
     python -m experiments.train --config=configs/listops.py:lra --workdir=gs://.../listops_lra
 
+Measured with that compile command (libtpu from requirements-tpu.txt, this CPU
+host): the training step fits a v5e:4x4 (16 chips, data-parallel), 1.16 GiB of
+16 GiB HBM per chip (0.83 GiB temporaries), 42 Mosaic attention calls.
+
 LRA's learning rate is 0.05 x warmup x rsqrt(step) decay; at the end of its 1k
 warmup that is 0.05 / sqrt(1000) = 1.58e-3, our peak, followed by our cosine
 decay to 0 (we have no rsqrt schedule): the one recipe difference.
