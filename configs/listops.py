@@ -9,7 +9,7 @@ the same window with CLS global, full attention; 3 layers, 400 steps.
     python -m experiments.train --config=configs/listops.py --workdir=/tmp/listops
 
 The LRA setup itself is ``configs/listops.py:lra``, a pod job: lengths 500-2000
-(CLS prepended: T = 2000), 6 layers, d 512, 8 heads, MLP 2048, batch 32, 5k steps,
+(CLS prepended: T = 2001), 6 layers, d 512, 8 heads, MLP 2048, batch 32, 5k steps,
 1k warmup, weight decay 0.1, ``]`` kept; the window radius is 256 (Longformer's
 512-token window). Check it compiles and fits before paying for the pod::
 

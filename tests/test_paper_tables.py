@@ -233,3 +233,16 @@ def test_quick_run_writes_a_report(name, tmp_path):
     assert [r["variant"] for r in summary["rows"]] == list(parsed)
     assert all(np.isfinite(r["test"]).all() for r in summary["rows"])
     jax.clear_caches()
+
+
+def test_listops_lra_is_lras_setup_for_a_pod():
+    """configs/listops.py:lra: LRA's ListOps model and schedule, data-parallel on 16 chips."""
+    c = _module("listops").get_config("lra")
+    spec = validate_config(c, device_count=16, process_count=4)
+    m = spec.model_config
+    assert (m.num_layers, m.d_model, m.num_heads, m.mlp_dim) == (6, 512, 8, 2048)
+    assert (c.batch_size, c.num_train_steps, c.optim.warmup_steps, c.optim.weight_decay) == \
+        (32, 5000, 1000, 0.1)
+    assert abs(c.optim.learning_rate - 0.05 / 1000 ** 0.5) < 1e-12
+    assert spec.seq_len == 2001 and spec.mesh_shape["data"] == 16  # 2000 tokens + CLS
+    assert c.data.config == "lra" and c.data.prepend_cls
