@@ -89,9 +89,9 @@ def measure(module, arg: str | None, *, workdir: str, data_dir: str | None) -> d
     table_rows, evict, metric, ppl_mean = [], {}, {}, {}
     for variant, group in rows.items():
         alpha = [g["sink"]["mean_alpha"] for g in group]
-        row = [names.get(variant, variant)] + [ci([g["ppl"][x] for g in group], ".4g")
+        row = [names.get(variant, variant)] + [ci([g["ppl"][x] for g in group], ".3f")
                                                for x in xs] + [
-            ci([g["validation/perplexity"] for g in group], ".4g"),
+            ci([g["validation/perplexity"] for g in group], ".3f"),
             ci([g["sink"]["metric"] for g in group], ".2f"), ci(alpha, ".3f"),
             ci([g["sink"]["local_mass"] for g in group], ".2f")]
         if zero:
