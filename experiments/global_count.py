@@ -67,10 +67,7 @@ def measure(module, arg: str | None, *, workdir: str, data_dir: str | None) -> d
     for (k, n), acc in by_key.items():
         if k is not None and n == 2 * k and (k, k) in by_key:
             d = render.difference(acc, by_key[(k, k)])
-            values["threshold"][f"k{k}"] = dict(d, text=(
-                f"{d['diff']:+.1f} points" if d["noise"] is None else
-                f"{d['diff']:+.1f} ± {d['half_width']:.1f} points, "
-                + ("within noise" if d["noise"] else "outside noise")))
+            values["threshold"][f"k{k}"] = dict(d, text=render.describe(d))
     timing_rows = []
     for t in out["timings"]:
         row = [t["data_config"], t["K"], t["steps"], t["compile_s"], t["train_s"]]

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["cell", "difference", "interval", "markdown_table", "pct", "plot", "render",
+__all__ = ["cell", "describe", "difference", "interval", "markdown_table", "pct", "plot", "render",
            "render_file"]
 
 
@@ -74,6 +74,14 @@ def difference(a: Any, b: Any) -> dict[str, Any]:
     df = (sa + sb) ** 2 / (sa ** 2 / (len(va) - 1) + sb ** 2 / (len(vb) - 1))
     hw = float(stats.t.ppf(0.975, df)) * se
     return {"diff": diff, "half_width": hw, "noise": bool(abs(diff) <= hw)}
+
+
+def describe(d: dict[str, Any], unit: str = "points") -> str:
+    """A :func:`difference` in words: ``"+5.2 ± 1.1 points, outside noise"``."""
+    if d["noise"] is None:
+        return f"{d['diff']:+.1f} {unit} (one seed: no interval)"
+    return (f"{d['diff']:+.1f} ± {d['half_width']:.1f} {unit}, "
+            + ("within noise (the 95% interval covers 0)" if d["noise"] else "outside noise"))
 
 
 def pct(x: Any) -> str:

@@ -170,13 +170,7 @@ def compare(module, test: dict[str, list]) -> dict[str, dict[str, Any]]:
             continue
         d = render.difference([100 * x for x in test[a] if x is not None],
                               [100 * x for x in test[b] if x is not None])
-        if d["noise"] is None:
-            text = f"{d['diff']:+.1f} points (one seed: no interval)"
-        else:
-            text = (f"{d['diff']:+.1f} ± {d['half_width']:.1f} points, "
-                    + ("within noise (the 95% interval covers 0)" if d["noise"]
-                       else "outside noise"))
-        out[f"{a}_vs_{b}"] = dict(d, text=text)
+        out[f"{a}_vs_{b}"] = dict(d, text=render.describe(d))
     return out
 
 
