@@ -7,8 +7,8 @@ model is provably at chance; a global CLS, learned global tokens or full
 attention reach the whole sequence. Mirrors Longformer's global-attention
 ablation.
 
-The table (``sweep()``: 4 patterns x 2 and 3 layers x seeds 0, 1 and 2, ~15 min
-on 2 cores) and its smoke run::
+The table (``sweep()``: 4 patterns x 2 and 3 layers x seeds 0, 1 and 2; 19 min
+on 2 shared cores) and its smoke run::
 
     python -m experiments.reproduce long_range --out=results   # -> results/long_range.md
     python -m experiments.reproduce long_range --quick

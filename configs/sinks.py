@@ -7,8 +7,8 @@ token, zero sink (softmax-one) -- then evaluated as streams through a fixed
 cache of x initial tokens + (C - x) recent ones, plus the sink metric (Gu et al.
 2024) on dense forwards.
 
-    python -m experiments.reproduce sinks --out=results   # -> results/sinks.md (~10 min)
-    python -m experiments.reproduce sinks --quick         # smoke run (1-2 min)
+    python -m experiments.reproduce sinks --out=results   # -> results/sinks.md (9 runs)
+    python -m experiments.reproduce sinks --quick         # smoke run (a few minutes)
     python -m experiments.train --config=configs/sinks.py --workdir=/tmp/sinks_vanilla
 
 Text from a trained variant (any workdir of this config)::
