@@ -246,3 +246,32 @@ def test_listops_lra_is_lras_setup_for_a_pod():
     assert abs(c.optim.learning_rate - 0.05 / 1000 ** 0.5) < 1e-12
     assert spec.seq_len == 2001 and spec.mesh_shape["data"] == 16  # 2000 tokens + CLS
     assert c.data.config == "lra" and c.data.prepend_cls
+
+
+def test_beyond_reach_probe_is_blind_exactly_where_the_window_is(tmp_path):
+    """Noising what a window-only CLS cannot reach changes none of its predictions (at any
+    weights); with full attention the same noise changes some."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from globalattn.modules import build_model
+    from globalattn.train.config import apply_overrides
+
+    base = apply_overrides(_module("listops").get_config("test"),
+                           {"data.data_dir": str(tmp_path), "model.strategy.name": "none"})
+    spec = validate_config(base)
+    m = spec.model_config
+    reach = m.num_layers * m.window
+    assert reach < spec.seq_len - 1, "the test needs tokens beyond the reach"
+    T = spec.seq_len
+    params = nn.unbox(build_model(m).init(jax.random.key(0), jnp.ones((1, T), jnp.int32),
+                                          jnp.ones((1, T), bool))["params"])
+    # Larger weights than the init's 0.02, so that random predictions vary between inputs.
+    params = jax.tree_util.tree_map(lambda x: 30.0 * x, params)
+    window = measure.beyond_reach_accuracy(base, params, reach=reach)
+    assert window["changed"] == 0.0 and window["accuracy"] == window["accuracy_noised"]
+    full = apply_overrides(base, {"model.attention_schedule": "full"})
+    assert measure.beyond_reach_accuracy(full, params, reach=reach)["changed"] > 0.0
+    with pytest.raises(ValueError, match=f"reach={T} must be in"):
+        measure.beyond_reach_accuracy(base, params, reach=T)

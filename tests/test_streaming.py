@@ -290,6 +290,18 @@ def test_sink_metric_counts_heads_above_the_threshold():
     assert alpha.shape == (2, 2) and np.all((alpha > 0) & (alpha < 1))
     assert out["metric"] == np.mean(alpha > 0.3)
     assert 0.0 < out["sink_logit_mass"] < 1.0
+    # Where the attention goes: a band of every key holds all of it but the sink column's.
+    tokens = np.asarray(_tokens(9, 12))
+    S = tokens.shape[1] + 1  # the sink token
+    whole = measure.sink_metric(model, params, tokens, threshold=0.3, local=S)
+    np.testing.assert_allclose(whole["local_mass"], 1.0 - out["sink_logit_mass"], rtol=1e-5)
+    maps = model.apply({"params": params}, jnp.asarray(tokens), method="attention_weights")
+    own = measure.sink_metric(model, params, tokens, threshold=0.3, local=1)["local_mass"]
+    np.testing.assert_allclose(own, np.mean(np.diagonal(np.asarray(maps), axis1=-2, axis2=-1)),
+                               rtol=1e-5)
+    assert own < out["local_mass"] < whole["local_mass"]
+    with pytest.raises(ValueError, match="local must be an int >= 1, got 0"):
+        measure.sink_metric(model, params, tokens, threshold=0.3, local=0)
 
 
 def test_lm_config_builds_the_causal_lm():
