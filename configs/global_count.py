@@ -1,9 +1,9 @@
 """E2: MQAR accuracy vs number of global tokens, for several numbers of key-value pairs.
 
 Window-local attention (radius 4) plus the first n positions made global, for
-n in ``ablation()['num_active_globals']``: the K key-value pairs occupy the
-first 2K positions, so n >= 2K makes every pair readable from every query. All
-global counts (and seeds) of one task size train in ONE vmapped program
+n in {K, 2K} per task size K (``ablation()``: one entry per K): the K key-value
+pairs occupy the first 2K positions, so n >= 2K makes every pair readable from
+every query. All global counts and seeds of one task size train in ONE vmapped program
 (experiments/ablate.py; the model has capacity G = 16 and masks the inactive slots).
 
     python -m experiments.reproduce global_count --out=results   # -> results/global_count.md
