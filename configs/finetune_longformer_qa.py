@@ -39,7 +39,7 @@ import os
 
 import ml_collections
 
-from globalattn.train.config import base_config, check_arg, shrink_for_tests
+from globalattn.train.config import base_config, check_arg, shrink_for_tests, use_jsonl_data
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,11 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.num_train_steps = 200
         c.optim.warmup_steps = 20
     elif arg == "jsonl":  # local pre-tokenised files: --config.data.config=DIR (required)
-        c.data.name = "jsonl"
-        c.data.config = ""  # the JSONL directory; empty is an error naming what is needed
-        # test.jsonl is optional; to evaluate one at the end add
-        # --config.data.final_eval_splits='("validation", "test")'
-        c.data.final_eval_splits = ("validation",)
+        use_jsonl_data(c)
     elif arg == "test":  # CPU-sized: a tiny converted model, tiny data, 3 steps
         shrink_for_tests(c)
         # The tiny random Hugging Face checkpoint the parity tests use (loaded in memory).

@@ -43,6 +43,7 @@ __all__ = [
     "load_config",
     "load_config_module",
     "shrink_for_tests",
+    "use_jsonl_data",
     "sweep_configs",
     "validate_config",
 ]
@@ -465,6 +466,19 @@ def _model_vs_data(config: ml_collections.ConfigDict, m: ModelConfig,
 
 def _format(errors: list[str]) -> str:
     return "invalid config:\n  - " + "\n  - ".join(errors)
+
+
+def use_jsonl_data(config: ml_collections.ConfigDict) -> None:
+    """In place: train on a local pre-tokenised JSONL directory (each fine-tuning file's ':jsonl').
+
+    ``data.config`` is left empty, an error naming what is needed until
+    ``--config.data.config=DIR`` is given. ``test.jsonl`` is optional, so the final
+    evaluation is on validation; add ``--config.data.final_eval_splits='("validation",
+    "test")'`` to evaluate a test file too.
+    """
+    config.data.name = "jsonl"
+    config.data.config = ""
+    config.data.final_eval_splits = ("validation",)
 
 
 def shrink_for_tests(config: ml_collections.ConfigDict, data_config: str = "tiny") -> None:
