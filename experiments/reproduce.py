@@ -112,8 +112,7 @@ def train_sweep(module, arg: str | None, *, workdir: str, data_dir: str | None
             r[split].append(result.get(f"{split}/accuracy"))
         r["wall_time_s"].append(result["wall_time_s"])
         if getattr(module, "BEYOND_REACH", False):  # does the model use what a window misses?
-            m = validate_config(cfg).model_config
-            reach = m.num_layers * m.window
+            reach = cfg.model.num_layers * cfg.model.window  # what window only's CLS sees
             probe = measure.beyond_reach_accuracy(cfg, load_run(wd)[2], reach=reach)
             print(f"{name}: test accuracy {probe['accuracy']:.4f}, with every token beyond "
                   f"position {reach} noised {probe['accuracy_noised']:.4f} "
