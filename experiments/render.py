@@ -4,7 +4,8 @@
 
 A table's JSON (written by ``experiments.reproduce``) holds what was measured:
 
-* ``title``, ``command``, ``quick``, ``runtime_s``;
+* ``title``, ``command``, ``quick``, ``runtime_s``, ``host`` (optional: cores and the
+  share of their time other processes used during the run);
 * ``values``: numbers (and names) the report's prose refers to;
 * ``tables``: ``{name: {"columns": [[header, fmt], ...], "rows": [[value, ...], ...]}}``;
 * ``figures``: ``[{"file": "NAME.png", "kind": "bars" | "scatter" | "lines" | "heatmap",
@@ -203,12 +204,22 @@ def plot(spec: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _machine(host: dict[str, Any] | None) -> str:
+    """Where the time was measured: the cores, and how busy other processes kept them."""
+    if not host:  # results written before the load was recorded
+        return " on a 2-core CPU shared with other jobs"
+    share = host["others_share"]
+    return (f" on a {host['cpus']}-core CPU, " + ("alone (other processes used "
+            if share < 0.05 else "shared (other processes used ")
+            + f"{100 * share:.0f}% of its CPU time meanwhile)")
+
+
 def _header(result: dict[str, Any]) -> list[str]:
     minutes = result["runtime_s"] / 60
     head = [f"# {result['title']}", "",
             f"Produced by `{result['command']}` in "
             + (f"{minutes:.1f} min" if minutes >= 1 else f"{result['runtime_s']:.1f} s")
-            + " on a 2-core CPU shared with other jobs (per-run times include compilation); "
+            + _machine(result.get("host")) + " (per-run times include compilation); "
             f"measurements in `{result['name']}.json`, rendered by `experiments.render`.", ""]
     if result["quick"]:
         head += ["**Smoke run (`--quick`)**: a tiny setting that only checks the pipeline; its "

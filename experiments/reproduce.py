@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -225,10 +226,40 @@ def table_names() -> list[str]:
     return names
 
 
+def _cpu_counters() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine was busy, CPU seconds of this process and its
+    waited-for children) since boot / start; None where /proc/stat is absent."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is in user
+    own = sum(getattr(resource.getrusage(who), field) for who in
+              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for field in ("ru_utime", "ru_stime"))
+    return busy, own
+
+
+def host_load(start: tuple[float, float] | None, wall_s: float) -> dict[str, Any] | None:
+    """How much of the machine other processes used while a table ran.
+
+    ``others_share`` = (busy CPU seconds of the machine - this process's) / (cores x
+    wall time): 0 means the table had the machine to itself, so its time is its own.
+    """
+    end = _cpu_counters()
+    if start is None or end is None or wall_s <= 0:
+        return None
+    cpus = os.cpu_count() or 1
+    others = max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
+    return {"cpus": cpus, "own_cpu_s": end[1] - start[1], "others_cpu_s": others,
+            "others_share": others / (cpus * wall_s)}
+
+
 def run(name: str, *, quick: bool = False, workdir: str | None = None, out: str | None = None,
         data_dir: str | None = None) -> dict[str, Any]:
     """Runs table ``name``; writes ``<out>/<name>.json`` and renders it. Returns the JSON."""
-    start = time.perf_counter()
+    start, counters = time.perf_counter(), _cpu_counters()
     module = load_config_module(os.path.join(CONFIGS, f"{name}.py"))
     workdir = workdir or os.path.join("/tmp/globalattn_reproduce", name + ("_quick" if quick
                                                                             else ""))
@@ -241,6 +272,7 @@ def run(name: str, *, quick: bool = False, workdir: str | None = None, out: str 
     result.update(name=name, title=module.TITLE, quick=quick, template=module.REPORT,
                   command=f"python -m experiments.reproduce {name}{flags}",
                   runtime_s=time.perf_counter() - start,
+                  host=host_load(counters, time.perf_counter() - start),
                   config=json.loads(module.get_config(arg).to_json_best_effort()))
     for i, fig in enumerate(result.get("figures", [])):
         fig.setdefault("file", f"{name}.png" if i == 0 else f"{name}_{i}.png")

@@ -117,17 +117,17 @@ def test_tables_validate(name, quick):
 
 
 def test_listops_config_is_the_committed_table():
-    """results/listops.json: 3 layers, 400 steps, window 8, 3 rows x 3 seeds (the default)."""
+    """results/listops.json: 3 layers, 300 steps, window 8, 3 rows x 3 seeds (the default)."""
     rows = _rows("listops")
     variants = ["window_only", "cls_global", "full_attention"]
     assert list(rows) == [f"{v}/seed{s}" for v in variants for s in (0, 1, 2)]
     for c in rows.values():
         assert (c.model.num_layers, c.num_train_steps, c.model.window, c.model.dropout) == \
-            (3, 400, 8, 0.0)
+            (3, 300, 8, 0.0)
     with open(os.path.join(ROOT, "results", "listops.json")) as f:
         committed = json.load(f)
     assert [r["variant"] for r in committed["rows"]] == variants
-    assert all(r["steps"] == 400 and r["layers"] == 3 and r["seeds"] == [0, 1, 2]
+    assert all(r["steps"] == 300 and r["layers"] == 3 and r["seeds"] == [0, 1, 2]
                for r in committed["rows"])
     assert "beyond_reach" in committed["tables"]
 

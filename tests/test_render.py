@@ -1,6 +1,7 @@
 """experiments/render.py: the one renderer of results JSON, and every table's template."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -56,6 +57,27 @@ def test_render_writes_markdown_and_figures(tmp_path, quick):
     assert ("Smoke run (`--quick`)" in md) == quick
     for name in ("demo.png", "demo_panels.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "on a 2-core CPU shared with other jobs" in md  # no load recorded: assume shared
+
+
+@pytest.mark.parametrize("share,text", [(0.01, "alone (other processes used 1% of its CPU"),
+                                        (0.3, "shared (other processes used 30% of its CPU")])
+def test_header_states_how_busy_the_machine_was(tmp_path, share, text):
+    result = dict(_result(False), host={"cpus": 2, "own_cpu_s": 150.0,
+                                        "others_cpu_s": share * 180, "others_share": share})
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(result))
+    assert f"in 1.5 min on a 2-core CPU, {text} time meanwhile)" in render.render_file(str(path))
+
+
+def test_host_load_counts_this_process_and_not_others():
+    start = reproduce._cpu_counters()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.5:  # busy: this process's CPU time, not others'
+        pass
+    host = reproduce.host_load(start, time.perf_counter() - t0)
+    assert host["own_cpu_s"] >= 0.3 and host["cpus"] == os.cpu_count()
+    assert 0.0 <= host["others_share"] <= 1.0
 
 
 def test_render_cli_rejects_a_missing_file(tmp_path, capsys):
