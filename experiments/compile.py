@@ -143,7 +143,7 @@ def compile_train_step(config, topology: str, attention: str = "auto") -> Dict[s
         schedule=learning_rate_schedule(config.optim, config.num_train_steps),
         num_active_globals=config.num_active_globals, rules=spec.rules)
     bsh = batch_sharding(mesh, spec.rules)
-    template = inputs._empty_batch(spec.meta.kind, config.batch_size, spec.seq_len)
+    template = inputs.empty_batch(spec.meta.kind, config.batch_size, spec.seq_len)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in template.items()}
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -185,13 +185,18 @@ def main(argv=None) -> int:
 
     from globalattn.train.cli import parse_flags
 
+    # Flags of this call only (not absl's global FLAGS): main() can run more than once in a
+    # process, and ml_collections looks for the --config.x overrides in this argv.
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Experiment config file, e.g. configs/long_range.py[:quick].",
-        lock_config=True)
-    topology = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 or v5p:2x2x1.")
-    attention = flags.DEFINE_string("attention", "auto", "auto (what a TPU picks), xla, pallas_tpu.")
-    parse_flags(sys.argv if argv is None else argv, required=("config", "topology"),
-                usage=__doc__)
+        flag_values=fv, lock_config=True, sys_argv=argv)
+    topology = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 or v5p:2x2x1.",
+                                   flag_values=fv)
+    attention = flags.DEFINE_string("attention", "auto", "auto (what a TPU picks), xla, pallas_tpu.",
+                                    flag_values=fv)
+    parse_flags(argv, required=("config", "topology"), usage=__doc__, flag_values=fv)
     if not libtpu_available():
         print(f"error: {LIBTPU_MISSING}", file=sys.stderr)
         return 2

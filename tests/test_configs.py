@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 
 from experiments import ablate
+from experiments import compile as aot
 
 from globalattn.train import config as config_lib
 from globalattn.train.config import apply_overrides, load_config, sweep_configs, validate_config
@@ -202,3 +203,27 @@ def test_cli_rejects_typos_and_wrong_types_with_status_2(tmp_path):
         assert cases[name][1] in err, (name, err)
         assert "Traceback" not in err, (name, err)
     assert not workdir.exists()  # nothing ran
+
+
+def test_compile_cli_takes_overrides_in_process_and_runs_twice(capsys, monkeypatch):
+    # Its flags are per call: --config.x overrides are found in the argv given (not only
+    # in sys.argv), and a second call in the same process defines no flag twice.
+    seen = []
+
+    def compile_train_step(config, topology, attention):  # stands in for libtpu's compile
+        seen.append((config.model.d_model, config.batch_size, topology, attention))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(aot, "libtpu_available", lambda: True)
+    monkeypatch.setattr(aot, "compile_train_step", compile_train_step)
+    base = ["compile", "--config=configs/mqar.py:quick", "--topology=v5e:2x2"]
+    assert aot.main(base + ["--config.model.d_model=128"]) == 2
+    assert aot.main(base + ["--config.batch_size=16", "--attention=xla"]) == 2
+    assert "error: stop here" in capsys.readouterr().err
+    default = config_lib.load_config("configs/mqar.py:quick")
+    assert seen == [(128, default.batch_size, "v5e:2x2", "auto"),
+                    (default.model.d_model, 16, "v5e:2x2", "xla")]
+    with pytest.raises(SystemExit) as exit_:
+        aot.main(base + ["--config.model.num_layrs=2"])
+    assert exit_.value.code == 2
+    assert "error: unknown config field 'num_layrs'" in capsys.readouterr().err

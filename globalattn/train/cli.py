@@ -11,7 +11,8 @@ from ml_collections import config_flags
 __all__ = ["parse_flags"]
 
 
-def parse_flags(argv: Sequence[str], required: Sequence[str] = (), usage: str = "") -> None:
+def parse_flags(argv: Sequence[str], required: Sequence[str] = (), usage: str = "",
+                flag_values: flags.FlagValues | None = None) -> None:
     """Parses absl flags (``--config=...``, ``--config.a.b=v``) or exits with status 2.
 
     A misspelt ``--config.field`` (ml_collections raises AttributeError / KeyError
@@ -19,27 +20,29 @@ def parse_flags(argv: Sequence[str], required: Sequence[str] = (), usage: str = 
     each print one ``error:`` paragraph instead of a traceback; so do a config file
     that cannot be loaded and a ``--workdir`` that exists but is not a directory.
     ``--help`` / ``-h`` prints ``usage`` and the flags, then exits with status 0.
+    ``flag_values``: the flags to parse into (default absl's global ``FLAGS``).
     """
+    fv = flags.FLAGS if flag_values is None else flag_values
     if any(a in ("--help", "-h", "--helpfull", "-?") for a in list(argv)[1:]):
-        print(usage.strip() + "\n\nflags:\n" + flags.FLAGS.main_module_help()
-              if usage else flags.FLAGS.get_help())
+        listing = fv.main_module_help() if fv is flags.FLAGS else fv.get_help()
+        print(usage.strip() + "\n\nflags:\n" + listing if usage else fv.get_help())
         sys.exit(0)
     try:
-        flags.FLAGS(list(argv))
-        if "config" in flags.FLAGS and flags.FLAGS["config"].present:
-            path = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
+        fv(list(argv))
+        if "config" in fv and fv["config"].present:
+            path = config_flags.get_config_filename(fv["config"]).partition(":")[0]
             if not os.path.isfile(path):
                 raise OSError(f"config file {path!r} does not exist")
             # Loads the file (lazily wrapped by ml_collections): get_config errors surface here.
-            flags.FLAGS["config"].value.keys()
+            fv["config"].value.keys()
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
         print(f"error: {_message(err)}", file=sys.stderr)
         sys.exit(2)
-    missing = [name for name in required if flags.FLAGS[name].value is None]
+    missing = [name for name in required if fv[name].value is None]
     if missing:
         print(f"error: missing --{' --'.join(missing)}\n{usage}", file=sys.stderr)
         sys.exit(2)
-    workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+    workdir = fv["workdir"].value if "workdir" in fv else None
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
         print(f"error: --workdir={workdir} is a file, not a directory", file=sys.stderr)
         sys.exit(2)
@@ -60,4 +63,6 @@ def _message(err: BaseException) -> str:
         text = f"{lines[0]} {lines[-1]}"
     if isinstance(err, (AttributeError, KeyError)) and "did you mean" in text.lower():
         text = f"unknown config field {text}"
+    elif isinstance(err, KeyError):  # an override naming a field with no near match
+        text = f"unknown config field {text!r}"
     return text

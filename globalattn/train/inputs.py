@@ -59,8 +59,9 @@ def with_weights(batch: NumpyBatch, batch_size: int) -> NumpyBatch:
     return out
 
 
-def _empty_batch(kind: str, batch_size: int, seq_len: int) -> NumpyBatch:
-    """A weight-0 batch for a process whose eval shard has run out."""
+def empty_batch(kind: str, batch_size: int, seq_len: int) -> NumpyBatch:
+    """A weight-0 batch of a task kind's shapes and dtypes: what a process whose eval
+    shard has run out feeds, and the template of a batch for ahead-of-time compiling."""
     b = {"tokens": np.zeros((batch_size, seq_len), np.int32),
          "padding_mask": np.ones((batch_size, seq_len), bool),
          "segment_ids": np.zeros((batch_size, seq_len), np.int32),
@@ -99,7 +100,7 @@ def eval_batches(config: ml_collections.ConfigDict, spec: RunSpec, split: str
         raise RuntimeError(f"split {split!r} gave {count} batches, more than the {total} "
                            f"expected from its {spec.split_sizes[split]} examples")
     for _ in range(total - count):
-        yield _empty_batch(spec.meta.kind, local_bs, spec.seq_len)
+        yield empty_batch(spec.meta.kind, local_bs, spec.seq_len)
 
 
 def to_global(batch: NumpyBatch, sharding: NamedSharding) -> dict[str, jax.Array]:
