@@ -174,6 +174,9 @@ def flax_bigbird(*, N: int, H: int, block: int, num_random: int, max_len: int) -
     except ImportError as e:
         raise ImportError(f"--peer=flax_bigbird needs {BIGBIRD_REQUIREMENT} (the last release "
                           "with Flax models): pip install -r requirements-bench.txt") from e
+    if num_random < 1 or block < 1:  # its gather of random blocks divides by their count
+        raise ValueError(f"FlaxBigBird needs block >= 1 and num_random >= 1; got block={block}, "
+                         f"num_random={num_random}")
     config = BigBirdConfig(hidden_size=N * H, num_attention_heads=N, block_size=block,
                            num_random_blocks=num_random, attention_type="block_sparse",
                            max_position_embeddings=max_len)

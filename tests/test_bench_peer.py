@@ -69,6 +69,8 @@ def test_bigbird_pairs_is_the_peers_pattern_and_the_cli_runs(capsys):
     # Deterministic, it points every random block at block 0 (already global): the work of
     # the full pattern, the distinct pairs of the pattern without random blocks.
     assert _value_pattern(1024, 64, 3, deterministic=True).sum() == bench.bigbird_pairs(1024, 64, 0)
+    with pytest.raises(ValueError, match="num_random >= 1; got block=16, num_random=0"):
+        bench.flax_bigbird(N=2, H=8, block=16, num_random=0, max_len=256)
     f = bench.flax_bigbird(N=2, H=8, block=16, num_random=1, max_len=256)
     q = jax.random.normal(jax.random.key(0), (1, 2, 256, 8))
     out = f(q, q, q, jnp.ones((1, 256)))
