@@ -275,3 +275,13 @@ def test_beyond_reach_probe_is_blind_exactly_where_the_window_is(tmp_path):
     assert measure.beyond_reach_accuracy(full, params, reach=reach)["changed"] > 0.0
     with pytest.raises(ValueError, match=f"reach={T} must be in"):
         measure.beyond_reach_accuracy(base, params, reach=T)
+
+
+@pytest.mark.parametrize("name", ["long_range", "global_count", "strategies", "listops", "sinks"])
+def test_committed_training_tables_fit_the_20_minute_budget(name):
+    """Each committed training table was produced in <= 20 minutes, with the machine's load
+    recorded (its header states it); a slower recipe must not be committed silently."""
+    with open(os.path.join(ROOT, "results", f"{name}.json")) as f:
+        committed = json.load(f)
+    assert committed["runtime_s"] <= 20 * 60, committed["runtime_s"]
+    assert committed["host"]["cpus"] >= 1 and 0 <= committed["host"]["others_share"] <= 1
