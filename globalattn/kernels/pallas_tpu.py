@@ -25,6 +25,7 @@ block_k`` scores; global-rows pass ``G * T``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Iterator, Optional
 
@@ -85,33 +86,39 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
     return value
 
 
-# Moving the G global rows in and out of token-major [B, T, N, H] arrays (where
-# XLA fuses them into the layout changes around the kernels). Autodiff of a
-# gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
+# Moving the G global rows in and out of [B, T, N, H] / [B, N, T, H] arrays. Autodiff
+# of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
-def _take_rows(x: Array, idx: Array) -> Array:
-    """``x[b, idx[b, l]]`` for ``x [B, T, ...]`` and ``idx [B, L]``."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+def _take_rows(x: Array, idx: Array, axis: int = 1) -> Array:
+    """``x[b, idx[b, l]]`` along ``axis`` (1: ``[B, T, ...]``, 2: ``[B, N, T, ...]``),
+    ``idx [B, L]``."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = idx.shape
+    return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
 
 
-@jax.custom_vjp
-def _gather_rows(x: Array, pos: Array, slot: Array) -> Array:
-    """``x[b, pos[b, g]]`` -> ``[B, G', N, H]``; ``slot [B, T]`` = the slot of each position or -1.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_rows(x: Array, pos: Array, slot: Array, axis: int = 1) -> Array:
+    """``x[b, pos[b, g]]`` along ``axis`` (the sequence axis: 1 for [B, T, N, H], 2 for
+    [B, N, T, H]); ``slot [B, T]`` = the slot of each position or -1.
 
     Only slots named by ``slot`` receive gradient: the others (empty capacity)
     must have zero cotangent, which holds because they are masked everywhere.
+    Gathering from the heads-first arrays the kernels read keeps this cotangent
+    in their layout, next to theirs, instead of a token-major [B, T, N, H] copy.
     """
-    return _take_rows(x, pos)
+    return _take_rows(x, pos, axis)
 
 
-def _gather_rows_fwd(x, pos, slot):
-    return _gather_rows(x, pos, slot), (pos, slot)
+def _gather_rows_fwd(x, pos, slot, axis):
+    return _gather_rows(x, pos, slot, axis), (pos, slot)
 
 
-def _gather_rows_bwd(res, ct):
+def _gather_rows_bwd(axis, res, ct):
     pos, slot = res
-    back = _take_rows(ct, jnp.maximum(slot, 0))
-    return jnp.where((slot >= 0)[:, :, None, None], back, jnp.zeros((), ct.dtype)), None, None
+    back = _take_rows(ct, jnp.maximum(slot, 0), axis)
+    keep = (slot >= 0)[:, :, None, None] if axis == 1 else (slot >= 0)[:, None, :, None]
+    return jnp.where(keep, back, jnp.zeros((), ct.dtype)), None, None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -263,8 +270,9 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         slot = jnp.full((B, T), -1, jnp.int32).at[jnp.arange(B)[:, None],
                                                   jnp.where(gvalid, gpos, T)].set(
             jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
-        k_glob = heads_first_rows(_gather_rows(masked(k), gpos_k, slot))  # [B, N, ng*bk, H]
-        v_glob = heads_first_rows(_gather_rows(masked(v), gpos_k, slot))
+        slot_p = jnp.pad(slot, ((0, 0), (0, Tp - T)), constant_values=-1)  # [B, Tp]
+        k_glob = _gather_rows(kt, gpos_k, slot_p, 2)  # [B, N, ng*bk, H]
+        v_glob = _gather_rows(vt, gpos_k, slot_p, 2)
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -334,7 +342,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     nqg = Gq // bqg
     gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
     gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
-    q_g = heads_first_rows(_gather_rows(masked(q_src), gpos_q, slot))  # [B, N, Gq, H]
+    q_src_t = qt if args.global_qkv is None else heads_first(q_src)
+    q_g = _gather_rows(q_src_t, gpos_q, slot_p, 2)  # [B, N, Gq, H]
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
