@@ -163,10 +163,15 @@ def bigbird_pairs(T: int, block: int, num_random: int) -> int:
             + (nb - 4) * block * block * (5 + num_random))
 
 
-def flax_bigbird(*, N: int, H: int, block: int, num_random: int, max_len: int) -> Callable:
-    """``f(q, k, v, mask)`` on [B, N, T, H]: FlaxBigBird's block-sparse attention alone (no
-    projections), masks built inside as its layer does. Raises ImportError naming the
-    requirement when transformers' Flax BigBird is not installed."""
+def flax_bigbird(*, N: int, H: int, block: int, num_random: int, max_len: int,
+                 random_key: Optional[jax.Array] = None) -> Callable:
+    """``f(q, k, v, mask)`` on [B, N, T, H] -> [B, T, N * H]: FlaxBigBird's block-sparse
+    attention alone (no projections), masks built inside as its layer does.
+
+    ``random_key`` (a ``jax.random.PRNGKey``) draws its random blocks; None runs it
+    deterministic, as in the benchmark (same work, see :func:`bigbird_pairs`). Raises
+    ImportError naming the requirement when transformers' Flax BigBird is not installed.
+    """
     try:
         from transformers import BigBirdConfig
         from transformers.models.big_bird.modeling_flax_big_bird import (
@@ -185,7 +190,8 @@ def flax_bigbird(*, N: int, H: int, block: int, num_random: int, max_len: int) -
     def attend(q, k, v, mask):
         blocked, band, from_mask, to_mask = layer.create_masks_for_block_sparse_attn(mask, block)
         out, _ = layer.apply({}, q, k, v, band, from_mask, to_mask, blocked, blocked, N, H,
-                             deterministic=True, output_attentions=False,
+                             deterministic=random_key is None, indices_prng_key=random_key,
+                             output_attentions=False,
                              method=FlaxBigBirdBlockSparseAttention.bigbird_block_sparse_attention)
         return out  # [B, T, N * H]
 
@@ -202,10 +208,11 @@ def peer_row(T: int, *, B: int, N: int, H: int, reps: int, block: int, num_rando
     f = flax_bigbird(N=N, H=H, block=block, num_random=num_random, max_len=T)
     r = _measure(lambda q, k, v, m: f(q, k, v, m).reshape(B, T, N, H).transpose(0, 2, 1, 3),
                  (q, k, v, mask), reps)
-    fl = 4.0 * bigbird_pairs(T, block, num_random) * H * N
+    pairs = bigbird_pairs(T, block, num_random)
+    fl = 4.0 * pairs * H * N
     return {**{f"peer_{key}": val for key, val in r.items()},
             "peer_fwd_gflops": fl / r["fwd_s"] / 1e9, "peer_fwdbwd_gflops": 3 * fl / r["fwdbwd_s"] / 1e9,
-            "peer_density": bigbird_pairs(T, block, num_random) / T**2}
+            "peer_density": pairs / T**2}
 
 
 def print_peer_table(rows: List[Dict[str, object]], out=None) -> None:

@@ -269,10 +269,10 @@ def run(name: str, *, quick: bool = False, workdir: str | None = None, out: str 
     result = RUNNERS[module.MEASURE](module, arg, workdir=workdir, data_dir=data_dir)
     flags = (" --quick" if quick else "") + (f" --data_dir={data_dir}" if data_dir else "") + (
         " --out=results" if os.path.abspath(out) == os.path.join(ROOT, "results") else "")
+    runtime = time.perf_counter() - start
     result.update(name=name, title=module.TITLE, quick=quick, template=module.REPORT,
                   command=f"python -m experiments.reproduce {name}{flags}",
-                  runtime_s=time.perf_counter() - start,
-                  host=host_load(counters, time.perf_counter() - start),
+                  runtime_s=runtime, host=host_load(counters, runtime),
                   config=json.loads(module.get_config(arg).to_json_best_effort()))
     for i, fig in enumerate(result.get("figures", [])):
         fig.setdefault("file", f"{name}.png" if i == 0 else f"{name}_{i}.png")

@@ -39,24 +39,12 @@ def test_peer_without_transformers_names_the_requirement(capsys):
 def _value_pattern(T: int, block: int, num_random: int, deterministic: bool) -> np.ndarray:
     """[T, T] bool: which values each output row of FlaxBigBird depends on (its Jacobian
     w.r.t. v is p_ij * I, so nonzero exactly on the attended pairs)."""
-    from transformers import BigBirdConfig
-    from transformers.models.big_bird.modeling_flax_big_bird import (
-        FlaxBigBirdBlockSparseAttention as Layer)
-    config = BigBirdConfig(hidden_size=2, num_attention_heads=1, block_size=block,
-                           num_random_blocks=num_random, attention_type="block_sparse",
-                           max_position_embeddings=T)
-    layer = Layer(config)
+    f = bench.flax_bigbird(N=1, H=2, block=block, num_random=num_random, max_len=T,
+                           random_key=None if deterministic else jax.random.PRNGKey(1))
     q, k, v = (jax.random.normal(jax.random.key(i), (1, 1, T, 2)) for i in range(3))
-    blocked, band, from_mask, to_mask = layer.create_masks_for_block_sparse_attn(
-        jnp.ones((1, T)), block)
-
-    def first_feature(v):
-        out, _ = layer.apply({}, q, k, v, band, from_mask, to_mask, blocked, blocked, 1, 2,
-                             deterministic=deterministic, indices_prng_key=jax.random.PRNGKey(1),
-                             output_attentions=False, method=Layer.bigbird_block_sparse_attention)
-        return out[0, :, 0]
-
-    return np.asarray(jnp.abs(jax.jacrev(first_feature)(v)[:, 0, 0, :, 0]) > 0)
+    mask = jnp.ones((1, T))
+    jac = jax.jacrev(lambda v: f(q, k, v, mask)[0, :, 0])(v)  # [T, 1, 1, T, 2]
+    return np.asarray(jnp.abs(jac[:, 0, 0, :, 0]) > 0)
 
 
 @pytest.mark.slow
