@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from globalattn.kernels import pallas_tpu_schedule as S
-from globalattn.kernels.pallas_tpu_kernels import Config, attend
+from globalattn.kernels.pallas_tpu_kernels import Config, Pass, Slots, attend
 from globalattn.ops.dense import gather_global_positions
 
 Array = jax.Array
@@ -259,7 +259,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     seq_info = S.key_info(seq_pos, seq_code, seq_blk)  # [B, 3, Tp]
 
     ng = 0
-    k_glob = v_glob = None
+    slots = None
     kinfo = seq_info
     if has_g:
         gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
@@ -271,8 +271,12 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                                                   jnp.where(gvalid, gpos, T)].set(
             jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
         slot_p = jnp.pad(slot, ((0, 0), (0, Tp - T)), constant_values=-1)  # [B, Tp]
-        k_glob = _gather_rows(kt, gpos_k, slot_p, 2)  # [B, N, ng*bk, H]
-        v_glob = _gather_rows(vt, gpos_k, slot_p, 2)
+        # The kernel gathers K / V of the slots itself and adds their gradients
+        # back at these positions (slot_block: the slot block of each key block's
+        # first global; positions ascend with the slot).
+        before = jnp.cumsum(slot_p >= 0, axis=1, dtype=jnp.int32) - (slot_p >= 0)
+        slots = Slots(pos=gpos_k, fold_pos=jnp.where(gvalid_k, gpos_k, -1)[:, None, :],
+                      slot_block=before[:, ::bk] // bk)
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -327,16 +331,17 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                  info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
                  has_sinks=has_sinks, groups=tuple(groups), n_global_blocks=ng,
                  interpret=interpret)
-    out = attend(cfg, qt, kt, vt, k_glob, v_glob, sinks, kinfo, qinfo, sched, tuple(tsched))
+    rows = Pass(kinfo, qinfo, sched, tuple(tsched))
     if not has_g:
+        out, _ = attend(cfg, None, qt, kt, vt, None, None, None, sinks, rows, None, None)
         return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
 
     # ---- global rows: G query rows against every real key -----------------
     if args.global_qkv is not None:
         q_src = args.global_qkv[0]
         ks, vs = (heads_first(x) for x in args.global_qkv[1:])
-    else:
-        q_src, ks, vs = q, kt, vt
+    else:  # the rows pass's K / V: their gradients accumulate in place
+        q_src, ks, vs = q, None, None
     bqg = min(bq, S.cdiv(G, 8) * 8)
     Gq = S.cdiv(G, bqg) * bqg
     nqg = Gq // bqg
@@ -355,8 +360,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                    n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1),
                    has_sinks=has_sinks,
                    groups=((0, nks),), n_global_blocks=0, interpret=interpret)
-    out_g = attend(cfg_g, q_g, ks, vs, None, None, sinks, seq_info, qinfo_g,
-                   S.lists_from_need(need_g, nks),
-                   (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
+    glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
+                     (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
+    out, out_g = attend(cfg, cfg_g, qt, kt, vt, q_g, ks, vs, sinks, rows, glob_pass, slots)
     out = jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
     return _overwrite_rows(out, heads_first_rows(out_g), gpos_q, slot)

@@ -360,10 +360,31 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
 # ---------------------------------------------------------------------------
 # Backward: dk, dv along the transposed schedule, one call per key group.
 # ---------------------------------------------------------------------------
-def _dkv_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nkg: int, Lt: int, first: int,
-                scale: float):
+class Fold(NamedTuple):
+    """The global slots' dK / dV, added at their positions by the sequence group's dkv call.
+
+    ``slot_block [B, nk]``: the slot block holding the first global slot at or
+    after key block kb (positions ascend with the slot, so the <= bk slots
+    inside a key block lie in that slot block and the next); ``pos [B, 1, ng *
+    bk]``: each slot's position, -1 for an empty slot; ``dk, dv [B, N, ng *
+    bk, H]``: the slots' gradients.
+    """
+
+    slot_block: Array
+    pos: Array
+    dk: Array
+    dv: Array
+
+
+def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_init: int,
+                n_fold_blocks: int):
+    n_prefetch = 3 if n_fold_blocks else 2
+    ids_ref, cnt_ref = refs[:2]
+    sblk_ref = refs[2] if n_fold_blocks else None
     (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
-        cfg, refs, 7)
+        cfg, refs[n_prefetch:], 7)
+    init_refs, rest = rest[:n_init], rest[n_init:]
+    fold_refs, rest = rest[:6 if n_fold_blocks else 0], rest[6 if n_fold_blocks else 0:]
     dk_ref, dv_ref, dk_acc, dv_acc = rest
     b, n, kb, j = (pl.program_id(a) for a in range(4))
 
@@ -390,24 +411,55 @@ def _dkv_kernel(ids_ref, cnt_ref, *refs, cfg: Config, nkg: int, Lt: int, first: 
 
     @pl.when(j == Lt - 1)
     def _finish():
-        dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+        dk = dk_acc[...] * scale
+        dv = dv_acc[...]
+        if n_init:  # accumulate onto the gradients of an earlier pass (aliased in place)
+            dk = dk + init_refs[0][...].astype(jnp.float32)
+            dv = dv + init_refs[1][...].astype(jnp.float32)
+        if n_fold_blocks:
+            kpos = jnp.expand_dims(kinfo_ref[0], -1)  # [bk, 1]
+            s0 = sblk_ref[b * nkg + kb]
+            for t in range(2):
+                # The second slot block is clamped to the last one: when it does not
+                # exist, shift its positions out of reach instead of counting twice.
+                shift = 0 if t == 0 else jnp.where(s0 + 1 < n_fold_blocks, 0, -(2 ** 30))
+                hit = kpos == fold_refs[t][...] + shift  # [bk, bk] key x slot
+                for acc_idx, g_ref in ((0, fold_refs[2 + t]), (1, fold_refs[4 + t])):
+                    g = g_ref[...]
+                    # One 1 per row: exact in one bf16 pass, f32 needs the full precision.
+                    exact = (lax.Precision.HIGHEST if g.dtype == jnp.float32
+                             else lax.Precision.DEFAULT)
+                    add = lax.dot_general(hit.astype(g.dtype), g, _NN,
+                                          preferred_element_type=jnp.float32, precision=exact)
+                    if acc_idx == 0:
+                        dk = dk + add
+                    else:
+                        dv = dv + add
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do):
+def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do,
+                  init: Optional[Tuple[Array, Array]] = None, fold: Optional[Fold] = None):
+    """dK, dV of key blocks ``[first, first + nk)`` (``k, v`` hold those blocks only).
+
+    ``init``: gradients of an earlier pass to add to (their buffers become the
+    outputs); ``fold``: the global slots' gradients to add at their positions.
+    """
     B, N, Tq, H = q.shape
     bq, bk = cfg.bq, cfg.bk
     nkg, Lt = ids.shape[-2], ids.shape[-1]
     sb = cfg.sched_bn
+    n_pre = 3 if fold is not None else 2
 
-    def qb_of(b, n, kb, j, ids_ref, cnt_ref):
+    def qb_of(b, n, kb, j, ids_ref, *_):
         return ids_ref[_flat(sb, b, n, nkg, kb, Lt, j)]
 
-    def qmap(b, n, kb, j, ids_ref, cnt_ref):
-        return (b, n, qb_of(b, n, kb, j, ids_ref, cnt_ref), 0)
+    def qmap(b, n, kb, j, *pre):
+        return (b, n, qb_of(b, n, kb, j, *pre), 0)
 
-    def rowmap(b, n, kb, j, ids_ref, cnt_ref):
-        return (b, n, 0, qb_of(b, n, kb, j, ids_ref, cnt_ref))
+    def rowmap(b, n, kb, j, *pre):
+        return (b, n, 0, qb_of(b, n, kb, j, *pre))
 
     def kmap(b, n, kb, j, *_):  # k, v hold this group's blocks only
         return (b, n, kb, 0)
@@ -415,8 +467,8 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     def kinfo_map(b, n, kb, j, *_):
         return (b, 0, kb + first)
 
-    def info_q(b, n, kb, j, ids_ref, cnt_ref):
-        return (b, n, qb_of(b, n, kb, j, ids_ref, cnt_ref))
+    def info_q(b, n, kb, j, *pre):
+        return (b, n, qb_of(b, n, kb, j, *pre))
 
     extra_specs, extra = _common_specs(cfg, qinfo, None, info_q, None)
     in_specs = [pl.BlockSpec((None, None, bq, H), qmap),
@@ -426,13 +478,39 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
                 pl.BlockSpec((None, None, 1, bq), rowmap),
                 pl.BlockSpec((None, None, 1, bq), rowmap),
                 pl.BlockSpec((None, None, bq, H), qmap)] + extra_specs
+    args = [q, k, v, kinfo, lse, di, do, *extra]
+    aliases = {}
+    if init is not None:
+        for out_idx, x in enumerate(init):
+            aliases[n_pre + len(args)] = out_idx
+            in_specs.append(pl.BlockSpec((None, None, bk, H), kmap))
+            args.append(x)
+    prefetch = [ids.reshape(-1), cnt.reshape(-1)]
+    n_fold_blocks = 0
+    if fold is not None:
+        n_fold_blocks = fold.pos.shape[-1] // bk
+        prefetch.append(fold.slot_block.reshape(-1).astype(jnp.int32))
+
+        def slot_blk(b, kb, t, sblk_ref):
+            return jnp.minimum(sblk_ref[b * nkg + kb] + t, n_fold_blocks - 1)
+
+        for t in range(2):
+            in_specs.append(pl.BlockSpec(
+                (None, 1, bk), lambda b, n, kb, j, i_r, c_r, s_r, t=t: (b, 0, slot_blk(b, kb, t, s_r))))
+            args.append(fold.pos)
+        for g in (fold.dk, fold.dv):
+            for t in range(2):
+                in_specs.append(pl.BlockSpec(
+                    (None, None, bk, H),
+                    lambda b, n, kb, j, i_r, c_r, s_r, t=t: (b, n, slot_blk(b, kb, t, s_r), 0)))
+                args.append(g)
     out_map = lambda b, n, kb, j, *_: (b, n, kb, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(B, N, nkg, Lt), in_specs=in_specs,
+        num_scalar_prefetch=n_pre, grid=(B, N, nkg, Lt), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bk, H), out_map)] * 2,
         scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)])
-    kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt, first=first,
-                               scale=1.0 / math.sqrt(H))
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt, scale=1.0 / math.sqrt(H),
+                               n_init=0 if init is None else 2, n_fold_blocks=n_fold_blocks)
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=8 * B * N * nkg * Lt * bq * bk * H,
                            transcendentals=B * N * nkg * Lt * bq * bk,
@@ -441,60 +519,128 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
         out_shape=[_out(shape, k.dtype, k), _out(shape, v.dtype, k)],
+        input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
-    )(ids.reshape(-1), cnt.reshape(-1), q, k, v, kinfo, lse, di, do, *extra)
+    )(*prefetch, *args)
 
 
 # ---------------------------------------------------------------------------
 # The differentiable primitive.
 # ---------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attend(cfg: Config, q: Array, k: Array, v: Array, kg: Optional[Array], vg: Optional[Array],
-           sinks: Array, kinfo: Array, qinfo: Optional[Array], sched: Tuple[Array, Array],
-           tsched: Tuple) -> Array:
-    """Block-sparse attention of ``q [B, N, Tq, H]`` to ``k, v [B, N, S, H]``.
+class Pass(NamedTuple):
+    """The static-shape, non-differentiable half of one pass.
 
     ``kinfo [B, 3, S]`` (see :func:`pallas_tpu_schedule.key_info`), ``qinfo``
-    ``[B', N', R, Tq]`` or None, ``kg, vg [B, N, ng * bk, H]`` the global
-    slots (key blocks ``[0, ng)`` of the lists; None when ng = 0) and ``k, v``
-    the sequence (blocks ``ng..``), ``sched = (ids, count)`` the forward block
-    lists, ``tsched`` one ``(ids, count)`` per entry of ``cfg.groups``,
-    ``sinks [N]`` float32 (ignored unless ``cfg.has_sinks``). Differentiable
-    in q, k, v, kg, vg and sinks. Returns ``[B, N, Tq, H]``.
+    ``[B', N', R, Tq]`` or None, ``sched = (ids, count)`` the forward block
+    lists, ``tsched`` one ``(ids, count)`` per entry of the pass's ``groups``.
     """
-    return _forward(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, *sched)[0]
+
+    kinfo: Array
+    qinfo: Optional[Array]
+    sched: Tuple[Array, Array]
+    tsched: Tuple
 
 
-def _attend_fwd(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched):
-    out, lse = _forward(cfg, q, k, v, kg, vg, sinks, kinfo, qinfo, *sched)
-    return out, (q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched, out, lse)
+class Slots(NamedTuple):
+    """Where the rows pass's global slots come from: ``pos [B, ng * bk]`` (the
+    gather index, 0 for an empty slot) and the :class:`Fold` tables that add
+    the slots' gradients back at their positions."""
+
+    pos: Array
+    fold_pos: Array  # [B, 1, ng * bk]: the position, -1 for an empty slot
+    slot_block: Array  # [B, nk]
 
 
-def _attend_bwd(cfg, res, do):
-    q, k, v, kg, vg, sinks, kinfo, qinfo, sched, tsched, out, lse = res
-    di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
-    dq = _backward_dq(cfg, q, k, v, kg, vg, kinfo, qinfo, *sched, lse, di, do)
-    grads = []
-    for (first, _), (ids, cnt) in zip(cfg.groups, tsched):
-        kk, vv = (kg, vg) if first < cfg.n_global_blocks else (k, v)
-        grads.append(_backward_dkv(cfg, first, q, kk, vv, kinfo, qinfo, ids, cnt, lse, di, do))
-    dk, dv = grads[-1]
-    dkg, dvg = grads[0] if cfg.n_global_blocks else (None, None)
-    if cfg.has_sinks:
-        # d/d sink of an extra column with value 0: -p_sink * (do . out) per row.
-        p_sink = jnp.exp(sinks[None, :, None] - lse[:, :, 0, :])
-        dsinks = -jnp.sum(p_sink * di[:, :, 0, :], axis=(0, 2))
-    else:
-        dsinks = jnp.zeros_like(sinks)
+def _gather_slots(x: Array, pos: Array) -> Array:
+    """``x [B, N, S, H]`` rows ``pos [B, L]`` -> ``[B, N, L, H]``."""
+    return jnp.take_along_axis(x, pos[:, None, :, None], axis=2)
+
+
+def _delta(do: Array, out: Array) -> Array:
+    """Per-row ``do . out`` as ``[B, N, 1, Tq]`` float32."""
+    return jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
+
+
+def _dsinks(cfg: Config, sinks: Array, lse: Array, di: Array) -> Array:
+    if not cfg.has_sinks:
+        return jnp.zeros_like(sinks)
+    # d/d sink of an extra column with value 0: -p_sink * (do . out) per row.
+    p_sink = jnp.exp(sinks[None, :, None] - lse[:, :, 0, :])
+    return -jnp.sum(p_sink * di[:, :, 0, :], axis=(0, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
+           q_g: Optional[Array], k_g: Optional[Array], v_g: Optional[Array], sinks: Array,
+           rows: Pass, glob: Optional[Pass], slots: Optional[Slots]):
+    """Block-sparse attention: the rows pass and, with ``cfg_g``, the global-rows pass.
+
+    Rows pass: ``q [B, N, Tq, H]`` to ``[K_globals ; K]`` with ``k, v [B, N,
+    S, H]`` the sequence and, when ``cfg.n_global_blocks``, the global slots
+    gathered from them at ``slots.pos``. Global-rows pass (``cfg_g``): ``q_g
+    [B, N, Gq, H]`` to ``k_g, v_g`` (``global_qkv``) or, when those are None,
+    to ``k, v`` themselves. ``sinks [N]`` float32 (ignored unless
+    ``cfg.has_sinks``). Differentiable in the arrays; the backward adds the
+    slots' and the global rows' key gradients into one dK / dV in place.
+    Returns ``(out [B, N, Tq, H], out_g [B, N, Gq, H] or None)``.
+    """
+    return _attend_fwd(cfg, cfg_g, q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots)[0]
+
+
+def _slot_kv(cfg, k, v, slots):
+    if not cfg.n_global_blocks:
+        return None, None
+    return _gather_slots(k, slots.pos), _gather_slots(v, slots.pos)
+
+
+def _attend_fwd(cfg, cfg_g, q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots):
+    kg, vg = _slot_kv(cfg, k, v, slots)
+    out, lse = _forward(cfg, q, k, v, kg, vg, sinks, rows.kinfo, rows.qinfo, *rows.sched)
+    out_g = lse_g = None
+    if cfg_g is not None:
+        ks, vs = (k, v) if k_g is None else (k_g, v_g)
+        out_g, lse_g = _forward(cfg_g, q_g, ks, vs, None, None, sinks, glob.kinfo, glob.qinfo,
+                                *glob.sched)
+    res = (q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots, out, lse, out_g, lse_g)
+    return (out, out_g), res
+
+
+def _attend_bwd(cfg, cfg_g, res, cts):
+    q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots, out, lse, out_g, lse_g = res
+    do, do_g = cts
+    kg, vg = _slot_kv(cfg, k, v, slots)
+    di = _delta(do, out)
+    dq = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, di, do)
+    fold = None
+    if cfg.n_global_blocks:
+        dkg, dvg = _backward_dkv(cfg, 0, q, kg, vg, rows.kinfo, rows.qinfo, *rows.tsched[0],
+                                 lse, di, do)
+        fold = Fold(slots.slot_block, slots.fold_pos, dkg, dvg)
+    dk, dv = _backward_dkv(cfg, cfg.n_global_blocks, q, k, v, rows.kinfo, rows.qinfo,
+                           *rows.tsched[-1], lse, di, do, fold=fold)
+    dsinks = _dsinks(cfg, sinks, lse, di)
+    dq_g = dk_g = dv_g = None
+    if cfg_g is not None:
+        di_g = _delta(do_g, out_g)
+        ks, vs = (k, v) if k_g is None else (k_g, v_g)
+        dq_g = _backward_dq(cfg_g, q_g, ks, vs, None, None, glob.kinfo, glob.qinfo, *glob.sched,
+                            lse_g, di_g, do_g)
+        if k_g is None:  # the same keys: accumulate onto the rows pass's dK / dV in place
+            dk, dv = _backward_dkv(cfg_g, 0, q_g, k, v, glob.kinfo, glob.qinfo, *glob.tsched[0],
+                                   lse_g, di_g, do_g, init=(dk, dv))
+        else:
+            dk_g, dv_g = _backward_dkv(cfg_g, 0, q_g, k_g, v_g, glob.kinfo, glob.qinfo,
+                                       *glob.tsched[0], lse_g, di_g, do_g)
+        dsinks = dsinks + _dsinks(cfg_g, sinks, lse_g, di_g)
     # Inside shard_map, sinks replicated over axes that the rows vary over get
     # the sum of every shard's gradient (the transpose of that broadcast).
     spread = tuple(sorted(jax.typeof(dsinks).mat.varying - jax.typeof(sinks).mat.varying))
     if spread:
         dsinks = lax.psum(dsinks, spread)
     none = lambda t: jax.tree.map(lambda _: None, t)  # noqa: E731
-    return dq, dk, dv, dkg, dvg, dsinks, None, none(qinfo), none(sched), none(tsched)
+    return dq, dk, dv, dq_g, dk_g, dv_g, dsinks, none(rows), none(glob), none(slots)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
