@@ -31,9 +31,10 @@ from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from globalattn.kernels import pallas_tpu_schedule as S
-from globalattn.kernels.pallas_tpu_kernels import Config, Pass, Slots, attend
+from globalattn.kernels.pallas_tpu_kernels import Config, Pass, Slots, SlotTable, attend
 from globalattn.ops.dense import gather_global_positions
 
 Array = jax.Array
@@ -124,35 +125,6 @@ def _gather_rows_bwd(axis, res, ct):
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-@jax.custom_vjp
-def _overwrite_rows(x: Array, rows: Array, pos: Array, slot: Array) -> Array:
-    """``x [B, T, N, H]`` with row ``pos[b, g]`` replaced by ``rows[b, g]`` wherever ``slot`` names g.
-
-    Only for an ``x`` whose replaced rows do not depend on its inputs (the
-    rows pass, where global rows attend nothing): their cotangent is passed on.
-    """
-    src = _take_rows(rows, jnp.maximum(slot, 0))
-    return jnp.where((slot >= 0)[:, :, None, None], src.astype(x.dtype), x)
-
-
-def _overwrite_rows_fwd(x, rows, pos, slot):
-    return _overwrite_rows(x, rows, pos, slot), (pos, slot, jnp.zeros((), rows.dtype))
-
-
-def _overwrite_rows_bwd(res, ct):
-    pos, slot, rows_zero = res
-    d_rows = _take_rows(ct, jnp.minimum(pos, ct.shape[1] - 1)).astype(rows_zero.dtype)
-    # A slot without a position (empty capacity) was never written: no gradient.
-    used = _take_rows(slot, jnp.minimum(pos, slot.shape[1] - 1)) == jnp.arange(pos.shape[1])
-    d_rows = jnp.where(used[:, :, None, None], d_rows, jnp.zeros((), rows_zero.dtype))
-    # x's cotangent is ct unchanged: the rows pass gives global rows no attention
-    # (its row code), so whatever ct holds there reaches no gradient.
-    return ct, d_rows, None, None
-
-
-_overwrite_rows.defvjp(_overwrite_rows_fwd, _overwrite_rows_bwd)
-
-
 def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
                          interpret: Any = None) -> Array:
     """The ``'pallas_tpu'`` implementation: ``GlobalLocalArgs -> [B, T, N, H]``.
@@ -236,9 +208,6 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         x = jnp.transpose(masked(x), (0, 2, 1, 3))
         return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
 
-    def heads_first_rows(x):  # [B, L, N, H] -> [B, N, L, H]
-        return jnp.transpose(x, (0, 2, 1, 3))
-
     qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
     has_sinks = args.sinks is not None
     sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
@@ -259,7 +228,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     seq_info = S.key_info(seq_pos, seq_code, seq_blk)  # [B, 3, Tp]
 
     ng = 0
-    slots = None
+    key_slots = None
     kinfo = seq_info
     if has_g:
         gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
@@ -275,8 +244,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         # back at these positions (slot_block: the slot block of each key block's
         # first global; positions ascend with the slot).
         before = jnp.cumsum(slot_p >= 0, axis=1, dtype=jnp.int32) - (slot_p >= 0)
-        slots = Slots(pos=gpos_k, fold_pos=jnp.where(gvalid_k, gpos_k, -1)[:, None, :],
-                      slot_block=before[:, ::bk] // bk)
+        key_slots = SlotTable(pos=gpos_k, fold_pos=jnp.where(gvalid_k, gpos_k, -1)[:, None, :],
+                              slot_block=before[:, ::bk] // bk)
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -333,22 +302,22 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                  interpret=interpret)
     rows = Pass(kinfo, qinfo, sched, tuple(tsched))
     if not has_g:
-        out, _ = attend(cfg, None, qt, kt, vt, None, None, None, sinks, rows, None, None)
+        out = attend(cfg, None, qt, kt, vt, None, sinks, rows, None, None, (None,) * 3)
         return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
 
     # ---- global rows: G query rows against every real key -----------------
-    if args.global_qkv is not None:
-        q_src = args.global_qkv[0]
-        ks, vs = (heads_first(x) for x in args.global_qkv[1:])
-    else:  # the rows pass's K / V: their gradients accumulate in place
-        q_src, ks, vs = q, None, None
     bqg = min(bq, S.cdiv(G, 8) * 8)
     Gq = S.cdiv(G, bqg) * bqg
     nqg = Gq // bqg
     gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
     gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
-    q_src_t = qt if args.global_qkv is None else heads_first(q_src)
-    q_g = _gather_rows(q_src_t, gpos_q, slot_p, 2)  # [B, N, Gq, H]
+    # Gq <= bq or blocks of bq slots: a query block's <= bq slots lie in two slot blocks.
+    row_slots = SlotTable(pos=gpos_q, fold_pos=jnp.where(gvalid_q, gpos_q, -1)[:, None, :],
+                          slot_block=before[:, ::bq] // bqg)
+    qkv_g = None  # the kernel gathers the global rows of q and keeps K / V (one dK / dV)
+    if args.global_qkv is not None:
+        qg_src, kg_src, vg_src = (heads_first(x) for x in args.global_qkv)
+        qkv_g = (_gather_rows(qg_src, gpos_q, slot_p, 2), kg_src, vg_src)  # q: [B, N, Gq, H]
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
@@ -362,6 +331,12 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                    groups=((0, nks),), n_global_blocks=0, interpret=interpret)
     glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
                      (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
-    out, out_g = attend(cfg, cfg_g, qt, kt, vt, q_g, ks, vs, sinks, rows, glob_pass, slots)
-    out = jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
-    return _overwrite_rows(out, heads_first_rows(out_g), gpos_q, slot)
+    # The slots' rows, gathered from the token-major inputs (no gradient of their own:
+    # the kernel attributes it to q, k, v at their positions).
+    gathered = tuple(
+        None if x is None else lax.stop_gradient(
+            jnp.transpose(_take_rows(masked(x), pos), (0, 2, 1, 3)))
+        for x, pos in ((q if qkv_g is None else None, gpos_q), (k, gpos_k), (v, gpos_k)))
+    out = attend(cfg, cfg_g, qt, kt, vt, qkv_g, sinks, rows, glob_pass,
+                 Slots(keys=key_slots, rows=row_slots), gathered)
+    return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]

@@ -149,10 +149,10 @@ def _kv_specs(cfg: Config, nq: int, L: int, H: int):
     """
     sb, bk = cfg.sched_bn, cfg.bk
 
-    def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref):
+    def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
         return (b, n, kseq_ref[_flat(sb, b, n, nq, i, L, j)], 0)
 
-    def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref):
+    def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
         return (b, n, kglob_ref[_flat(sb, b, n, nq, i, L, j)], 0)
 
     seq = [pl.BlockSpec((None, None, bk, H), seq_map)] * 2
@@ -172,13 +172,104 @@ def split_lists(ids: Array, n_global_blocks: int) -> Tuple[Array, Array]:
     return kseq.astype(jnp.int32), kglob.astype(jnp.int32)
 
 
+def _prefetch(ids: Array, cnt: Array, cfg: Config):
+    """The forward-schedule scalars: ids, counts and the per-input lists of :func:`split_lists`."""
+    return [ids.reshape(-1), cnt.reshape(-1),
+            *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks))]
+
+
+# ---------------------------------------------------------------------------
+# Folding per-slot rows (global rows' outputs, the slots' gradients) into blocks.
+# ---------------------------------------------------------------------------
+class SlotTable(NamedTuple):
+    """Where G slots sit in the sequence, for gathering them and folding rows back.
+
+    ``pos [B, Gs]``: the gather index (0 for an empty slot); ``fold_pos [B, 1,
+    Gs]``: the position, -1 for an empty slot; ``slot_block [B, nb]``: for
+    each block of the sequence (of the kernel's block size), the slot block
+    (of ``block`` slots) holding its first slot. Positions ascend with the
+    slot and a sequence block holds at most ``block`` slots (or all slots fit
+    one block), so its slots lie in that slot block and the next.
+    """
+
+    pos: Array
+    fold_pos: Array
+    slot_block: Array
+
+
+class Fold(NamedTuple):
+    """Per-slot rows ``values`` (each ``[B, N, Gs, H]``) to add at the slots' positions."""
+
+    table: SlotTable
+    values: Tuple[Array, ...]
+    block: int
+
+
+def _fold_prefetch(fold: Optional[Fold]):
+    return [] if fold is None else [fold.table.slot_block.reshape(-1).astype(jnp.int32)]
+
+
+def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, H: int):
+    """BlockSpecs and operands of a fold: two slot blocks of positions, then of each value.
+
+    Index maps take ``(b, n, r, j, *prefetch)`` with the fold's table last among the prefetch.
+    """
+    if fold is None:
+        return [], []
+    fb = fold.block
+    nb = fold.table.fold_pos.shape[-1] // fb
+
+    def blk(b, r, t, sblk_ref):
+        return jnp.minimum(sblk_ref[b * n_seq_blocks + r] + t, nb - 1)
+
+    specs, args = [], []
+    for t in range(2):
+        specs.append(pl.BlockSpec(
+            (None, 1, fb), lambda b, n, r, j, *pre, t=t: (b, 0, blk(b, r, t, pre[-1]))))
+        args.append(fold.table.fold_pos)
+    for x in fold.values:
+        for t in range(2):
+            specs.append(pl.BlockSpec(
+                (None, None, fb, H), lambda b, n, r, j, *pre, t=t: (b, n, blk(b, r, t, pre[-1]), 0)))
+            args.append(x)
+    return specs, args
+
+
+def _fold_rows(pos_col, sblk, n_slot_blocks: int, refs, n_values: int):
+    """``[onehot(pos_col == slot position) @ value for each value]`` in float32.
+
+    ``pos_col [R, 1]`` (or broadcastable to ``[R, fb]``): the positions of the
+    block's rows; ``refs``: the fold's 2 position refs then 2 refs per value.
+    """
+    out = [0.0] * n_values
+    for t in range(2):
+        # The second slot block is clamped to the last one: when it does not
+        # exist, shift its positions out of reach instead of counting twice.
+        shift = 0 if t == 0 else jnp.where(sblk + 1 < n_slot_blocks, 0, -(2 ** 30))
+        hit = pos_col == refs[t][...] + shift
+        for a in range(n_values):
+            g = refs[2 + 2 * a + t][...]
+            # One 1 per row: exact in one bf16 pass; float32 needs the full precision.
+            exact = lax.Precision.HIGHEST if g.dtype == jnp.float32 else lax.Precision.DEFAULT
+            out[a] = out[a] + lax.dot_general(hit.astype(g.dtype), g, _NN,
+                                              preferred_element_type=jnp.float32,
+                                              precision=exact)
+    return out
+
+
+def _n_fold_blocks(fold: Optional[Fold]) -> int:
+    return 0 if fold is None else fold.table.fold_pos.shape[-1] // fold.block
+
+
 # ---------------------------------------------------------------------------
 # Forward.
 # ---------------------------------------------------------------------------
 def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
-                scale: float):
+                scale: float, n_fold: int):
+    sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, sinks_ref, rest = _split(cfg, refs, 4, with_sinks=True, with_globals=True)
     q_ref, k_ref, v_ref, kinfo_ref = fixed[:4]
+    fold_refs, rest = rest[:4 if n_fold else 0], rest[4 if n_fold else 0:]
     o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
     b, n, i, j = (pl.program_id(a) for a in range(4))
 
@@ -217,7 +308,11 @@ def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: i
     def _finish():
         l = l_ref[...][:, :1]
         has = l > 0
-        o_ref[...] = (acc_ref[...] / jnp.where(has, l, 1.0)).astype(o_ref.dtype)
+        o = acc_ref[...] / jnp.where(has, l, 1.0)
+        if n_fold:  # the global rows' outputs, written over rows that attended nothing here
+            rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, (cfg.bq, 1), 0)
+            o = o + _fold_rows(rows, sblk_ref[b * nq + i], n_fold, fold_refs, 1)[0]
+        o_ref[...] = o.astype(o_ref.dtype)
         # +inf for an empty row: its probabilities exp(s - lse) are 0 in the backward.
         lse = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l_ref[...], 1.0)), jnp.inf)
         lse_ref[...] = jnp.transpose(lse)[:1, :]  # column -> lane-dense row
@@ -241,7 +336,10 @@ def _common_specs(cfg: Config, qinfo, sinks, q_block_of, spec_batch_head):
     return specs, args
 
 
-def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt):
+def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
+             fold: Optional[Fold] = None):
+    """Output ``[B, N, Tq, H]`` and log-sum-exp ``[B, N, 1, Tq]`` of one pass; ``fold``
+    (the global rows' outputs) is added at its rows, which attend nothing here."""
     B, N, Tq, H = q.shape
     bq, bk = cfg.bq, cfg.bk
     nq, L = ids.shape[-2], ids.shape[-1]
@@ -257,17 +355,21 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt):
     extra_specs, extra = _common_specs(cfg, qinfo, sinks if cfg.has_sinks else None,
                                        lambda b, n, i, j, *_: (b, n, i), None)
     seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
+    fold_specs, fold_args = _fold_specs(fold, nq, H)
     in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
-                + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs)
+                + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs
+                + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     out_specs = [pl.BlockSpec((None, None, bq, H), qmap),
                  pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4, grid=(B, N, nq, L), in_specs=in_specs, out_specs=out_specs,
+        num_scalar_prefetch=4 + (fold is not None), grid=(B, N, nq, L), in_specs=in_specs,
+        out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, H), jnp.float32)])
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, nq=nq, L=L, scale=scale)
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, nq=nq, L=L, scale=scale,
+                               n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=4 * B * N * nq * L * bq * bk * H,
                            transcendentals=B * N * nq * L * bq * bk,
@@ -278,8 +380,8 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_fwd",
-    )(ids.reshape(-1), cnt.reshape(-1), *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks)),
-      q, k, v, kinfo, *glob_args, *extra)
+    )(*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold), q, k, v, kinfo, *glob_args, *extra,
+      *fold_args)
     return out, lse
 
 
@@ -287,9 +389,11 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt):
 # Backward: dq along the forward schedule.
 # ---------------------------------------------------------------------------
 def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
-               scale: float):
+               scale: float, n_fold: int):
+    sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
     q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref = fixed[:7]
+    fold_refs, rest = rest[:4 if n_fold else 0], rest[4 if n_fold else 0:]
     dq_ref, acc_ref = rest
     b, n, i, j = (pl.program_id(a) for a in range(4))
 
@@ -313,10 +417,15 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
 
     @pl.when(j == L - 1)
     def _finish():
-        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+        dq = acc_ref[...] * scale
+        if n_fold:  # the global rows' dq, at rows that attended nothing here
+            rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, (cfg.bq, 1), 0)
+            dq = dq + _fold_rows(rows, sblk_ref[b * nq + i], n_fold, fold_refs, 1)[0]
+        dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do):
+def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do,
+                 fold: Optional[Fold] = None):
     B, N, Tq, H = q.shape
     bq, bk = cfg.bq, cfg.bk
     nq, L = ids.shape[-2], ids.shape[-1]
@@ -333,17 +442,20 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
 
     extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i), None)
     seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
+    fold_specs, fold_args = _fold_specs(fold, nq, H)
     in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map),
                    pl.BlockSpec((None, None, 1, bq), rowmap),
                    pl.BlockSpec((None, None, 1, bq), rowmap),
-                   pl.BlockSpec((None, None, bq, H), qmap)] + glob_specs + extra_specs)
+                   pl.BlockSpec((None, None, bq, H), qmap)] + glob_specs + extra_specs
+                + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4, grid=(B, N, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=4 + (fold is not None), grid=(B, N, nq, L), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bq, H), qmap),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)])
-    kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L, scale=1.0 / math.sqrt(H))
+    kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L, scale=1.0 / math.sqrt(H),
+                               n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=6 * B * N * nq * L * bq * bk * H,
                            transcendentals=B * N * nq * L * bq * bk,
@@ -353,37 +465,19 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dq",
-    )(ids.reshape(-1), cnt.reshape(-1), *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks)),
-      q, k, v, kinfo, lse, di, do, *glob_args, *extra)
+    )(*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold), q, k, v, kinfo, lse, di, do,
+      *glob_args, *extra, *fold_args)
 
 
 # ---------------------------------------------------------------------------
 # Backward: dk, dv along the transposed schedule, one call per key group.
 # ---------------------------------------------------------------------------
-class Fold(NamedTuple):
-    """The global slots' dK / dV, added at their positions by the sequence group's dkv call.
-
-    ``slot_block [B, nk]``: the slot block holding the first global slot at or
-    after key block kb (positions ascend with the slot, so the <= bk slots
-    inside a key block lie in that slot block and the next); ``pos [B, 1, ng *
-    bk]``: each slot's position, -1 for an empty slot; ``dk, dv [B, N, ng *
-    bk, H]``: the slots' gradients.
-    """
-
-    slot_block: Array
-    pos: Array
-    dk: Array
-    dv: Array
-
-
-def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_init: int,
-                n_fold_blocks: int):
+def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_blocks: int):
     n_prefetch = 3 if n_fold_blocks else 2
     ids_ref, cnt_ref = refs[:2]
     sblk_ref = refs[2] if n_fold_blocks else None
     (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
         cfg, refs[n_prefetch:], 7)
-    init_refs, rest = rest[:n_init], rest[n_init:]
     fold_refs, rest = rest[:6 if n_fold_blocks else 0], rest[6 if n_fold_blocks else 0:]
     dk_ref, dv_ref, dk_acc, dv_acc = rest
     b, n, kb, j = (pl.program_id(a) for a in range(4))
@@ -413,39 +507,18 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_init: int
     def _finish():
         dk = dk_acc[...] * scale
         dv = dv_acc[...]
-        if n_init:  # accumulate onto the gradients of an earlier pass (aliased in place)
-            dk = dk + init_refs[0][...].astype(jnp.float32)
-            dv = dv + init_refs[1][...].astype(jnp.float32)
-        if n_fold_blocks:
+        if n_fold_blocks:  # the global slots' dK / dV at their positions
             kpos = jnp.expand_dims(kinfo_ref[0], -1)  # [bk, 1]
-            s0 = sblk_ref[b * nkg + kb]
-            for t in range(2):
-                # The second slot block is clamped to the last one: when it does not
-                # exist, shift its positions out of reach instead of counting twice.
-                shift = 0 if t == 0 else jnp.where(s0 + 1 < n_fold_blocks, 0, -(2 ** 30))
-                hit = kpos == fold_refs[t][...] + shift  # [bk, bk] key x slot
-                for acc_idx, g_ref in ((0, fold_refs[2 + t]), (1, fold_refs[4 + t])):
-                    g = g_ref[...]
-                    # One 1 per row: exact in one bf16 pass, f32 needs the full precision.
-                    exact = (lax.Precision.HIGHEST if g.dtype == jnp.float32
-                             else lax.Precision.DEFAULT)
-                    add = lax.dot_general(hit.astype(g.dtype), g, _NN,
-                                          preferred_element_type=jnp.float32, precision=exact)
-                    if acc_idx == 0:
-                        dk = dk + add
-                    else:
-                        dv = dv + add
+            add_k, add_v = _fold_rows(kpos, sblk_ref[b * nkg + kb], n_fold_blocks, fold_refs, 2)
+            dk, dv = dk + add_k, dv + add_v
         dk_ref[...] = dk.astype(dk_ref.dtype)
         dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do,
-                  init: Optional[Tuple[Array, Array]] = None, fold: Optional[Fold] = None):
-    """dK, dV of key blocks ``[first, first + nk)`` (``k, v`` hold those blocks only).
-
-    ``init``: gradients of an earlier pass to add to (their buffers become the
-    outputs); ``fold``: the global slots' gradients to add at their positions.
-    """
+                  fold: Optional[Fold] = None):
+    """dK, dV of key blocks ``[first, first + nk)`` (``k, v`` hold those blocks only);
+    ``fold``: the global slots' gradients, added at their positions."""
     B, N, Tq, H = q.shape
     bq, bk = cfg.bq, cfg.bk
     nkg, Lt = ids.shape[-2], ids.shape[-1]
@@ -479,38 +552,16 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
                 pl.BlockSpec((None, None, 1, bq), rowmap),
                 pl.BlockSpec((None, None, bq, H), qmap)] + extra_specs
     args = [q, k, v, kinfo, lse, di, do, *extra]
-    aliases = {}
-    if init is not None:
-        for out_idx, x in enumerate(init):
-            aliases[n_pre + len(args)] = out_idx
-            in_specs.append(pl.BlockSpec((None, None, bk, H), kmap))
-            args.append(x)
-    prefetch = [ids.reshape(-1), cnt.reshape(-1)]
-    n_fold_blocks = 0
-    if fold is not None:
-        n_fold_blocks = fold.pos.shape[-1] // bk
-        prefetch.append(fold.slot_block.reshape(-1).astype(jnp.int32))
-
-        def slot_blk(b, kb, t, sblk_ref):
-            return jnp.minimum(sblk_ref[b * nkg + kb] + t, n_fold_blocks - 1)
-
-        for t in range(2):
-            in_specs.append(pl.BlockSpec(
-                (None, 1, bk), lambda b, n, kb, j, i_r, c_r, s_r, t=t: (b, 0, slot_blk(b, kb, t, s_r))))
-            args.append(fold.pos)
-        for g in (fold.dk, fold.dv):
-            for t in range(2):
-                in_specs.append(pl.BlockSpec(
-                    (None, None, bk, H),
-                    lambda b, n, kb, j, i_r, c_r, s_r, t=t: (b, n, slot_blk(b, kb, t, s_r), 0)))
-                args.append(g)
+    fold_specs, fold_args = _fold_specs(fold, nkg, H)
+    in_specs += fold_specs
+    args += fold_args
     out_map = lambda b, n, kb, j, *_: (b, n, kb, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=n_pre, grid=(B, N, nkg, Lt), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bk, H), out_map)] * 2,
         scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)])
     kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt, scale=1.0 / math.sqrt(H),
-                               n_init=0 if init is None else 2, n_fold_blocks=n_fold_blocks)
+                               n_fold_blocks=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=8 * B * N * nkg * Lt * bq * bk * H,
                            transcendentals=B * N * nkg * Lt * bq * bk,
@@ -519,11 +570,10 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
         out_shape=[_out(shape, k.dtype, k), _out(shape, v.dtype, k)],
-        input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
-    )(*prefetch, *args)
+    )(ids.reshape(-1), cnt.reshape(-1), *_fold_prefetch(fold), *args)
 
 
 # ---------------------------------------------------------------------------
@@ -544,13 +594,12 @@ class Pass(NamedTuple):
 
 
 class Slots(NamedTuple):
-    """Where the rows pass's global slots come from: ``pos [B, ng * bk]`` (the
-    gather index, 0 for an empty slot) and the :class:`Fold` tables that add
-    the slots' gradients back at their positions."""
+    """The global slots of the rows pass: ``keys`` (blocks of ``bk`` slots in
+    front of the sequence's keys) and ``rows`` (the global-rows pass's query
+    rows, blocks of its ``bq``)."""
 
-    pos: Array
-    fold_pos: Array  # [B, 1, ng * bk]: the position, -1 for an empty slot
-    slot_block: Array  # [B, nk]
+    keys: SlotTable
+    rows: SlotTable
 
 
 def _gather_slots(x: Array, pos: Array) -> Array:
@@ -573,74 +622,97 @@ def _dsinks(cfg: Config, sinks: Array, lse: Array, di: Array) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
-           q_g: Optional[Array], k_g: Optional[Array], v_g: Optional[Array], sinks: Array,
-           rows: Pass, glob: Optional[Pass], slots: Optional[Slots]):
+           qkv_g: Optional[Tuple[Array, Array, Array]], sinks: Array, rows: Pass,
+           glob: Optional[Pass], slots: Optional[Slots], gathered) -> Array:
     """Block-sparse attention: the rows pass and, with ``cfg_g``, the global-rows pass.
 
-    Rows pass: ``q [B, N, Tq, H]`` to ``[K_globals ; K]`` with ``k, v [B, N,
-    S, H]`` the sequence and, when ``cfg.n_global_blocks``, the global slots
-    gathered from them at ``slots.pos``. Global-rows pass (``cfg_g``): ``q_g
-    [B, N, Gq, H]`` to ``k_g, v_g`` (``global_qkv``) or, when those are None,
-    to ``k, v`` themselves. ``sinks [N]`` float32 (ignored unless
-    ``cfg.has_sinks``). Differentiable in the arrays; the backward adds the
-    slots' and the global rows' key gradients into one dK / dV in place.
-    Returns ``(out [B, N, Tq, H], out_g [B, N, Gq, H] or None)``.
+    Rows pass: ``q [B, N, Tq, H]`` to ``[K_globals ; K]``, ``k, v [B, N, S,
+    H]`` the sequence and, when ``cfg.n_global_blocks``, the global slots
+    gathered from them (``slots.keys``). Global-rows pass (``cfg_g``): the
+    global query rows of ``q`` (``slots.rows``) or ``qkv_g[0]``
+    (``[B, N, Gq, H]``, already gathered: ``global_qkv``), against ``k, v`` or
+    ``qkv_g[1:]``; their outputs are written at their rows of the rows pass's
+    output (rows the row code keeps empty there). ``sinks [N]`` float32
+    (ignored unless ``cfg.has_sinks``). Differentiable in the arrays; the
+    backward adds the slots' and the global rows' gradients into one dQ and
+    one dK / dV in place. Returns ``[B, N, Tq, H]``.
+
+    ``gathered = (q rows, k slots, v slots)`` (``[B, N, Gq | ng * bk, H]``,
+    None where unused) must equal the rows of ``q, k, v`` at ``slots.rows.pos``
+    / ``slots.keys.pos``: gathered by the caller from its token-major arrays
+    (a gather here, from heads-first arrays, costs XLA a relayout copy of the
+    whole array). They get no cotangent of their own: the backward attributes
+    their gradients to ``q, k, v`` at those positions.
     """
-    return _attend_fwd(cfg, cfg_g, q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots)[0]
+    return _attend_fwd(cfg, cfg_g, q, k, v, qkv_g, sinks, rows, glob, slots, gathered)[0]
 
 
-def _slot_kv(cfg, k, v, slots):
-    if not cfg.n_global_blocks:
-        return None, None
-    return _gather_slots(k, slots.pos), _gather_slots(v, slots.pos)
+def _global_qkv(k, v, qkv_g, gathered):
+    """The global-rows pass's operands and whether they are the rows pass's own."""
+    if qkv_g is None:
+        return (gathered[0], k, v), True
+    return qkv_g, False
 
 
-def _attend_fwd(cfg, cfg_g, q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots):
-    kg, vg = _slot_kv(cfg, k, v, slots)
-    out, lse = _forward(cfg, q, k, v, kg, vg, sinks, rows.kinfo, rows.qinfo, *rows.sched)
-    out_g = lse_g = None
+def _attend_fwd(cfg, cfg_g, q, k, v, qkv_g, sinks, rows, glob, slots, gathered):
+    kg, vg = gathered[1:] if cfg.n_global_blocks else (None, None)
+    fold = out_g = lse_g = None
     if cfg_g is not None:
-        ks, vs = (k, v) if k_g is None else (k_g, v_g)
-        out_g, lse_g = _forward(cfg_g, q_g, ks, vs, None, None, sinks, glob.kinfo, glob.qinfo,
+        (qs, ks, vs), _ = _global_qkv(k, v, qkv_g, gathered)
+        out_g, lse_g = _forward(cfg_g, qs, ks, vs, None, None, sinks, glob.kinfo, glob.qinfo,
                                 *glob.sched)
-    res = (q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots, out, lse, out_g, lse_g)
-    return (out, out_g), res
+        fold = Fold(slots.rows, (out_g,), cfg_g.bq)
+    out, lse = _forward(cfg, q, k, v, kg, vg, sinks, rows.kinfo, rows.qinfo, *rows.sched,
+                        fold=fold)
+    return out, (q, k, v, qkv_g, sinks, rows, glob, slots, gathered, out, lse, out_g, lse_g)
 
 
-def _attend_bwd(cfg, cfg_g, res, cts):
-    q, k, v, q_g, k_g, v_g, sinks, rows, glob, slots, out, lse, out_g, lse_g = res
-    do, do_g = cts
-    kg, vg = _slot_kv(cfg, k, v, slots)
-    di = _delta(do, out)
-    dq = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, di, do)
-    fold = None
-    if cfg.n_global_blocks:
-        dkg, dvg = _backward_dkv(cfg, 0, q, kg, vg, rows.kinfo, rows.qinfo, *rows.tsched[0],
-                                 lse, di, do)
-        fold = Fold(slots.slot_block, slots.fold_pos, dkg, dvg)
-    dk, dv = _backward_dkv(cfg, cfg.n_global_blocks, q, k, v, rows.kinfo, rows.qinfo,
-                           *rows.tsched[-1], lse, di, do, fold=fold)
-    dsinks = _dsinks(cfg, sinks, lse, di)
-    dq_g = dk_g = dv_g = None
+def _attend_bwd(cfg, cfg_g, res, do):
+    q, k, v, qkv_g, sinks, rows, glob, slots, gathered, out, lse, out_g, lse_g = res
+    dqkv_g = None
+    dq_fold = dk = dv = None
+    dsinks = jnp.zeros_like(sinks)
     if cfg_g is not None:
+        (qs, ks, vs), shared = _global_qkv(k, v, qkv_g, gathered)
+        # Empty slots' rows are never written, so they get no cotangent (non-causal, they
+        # attend every key with the gathered query of position 0).
+        used = (slots.rows.fold_pos >= 0)[:, :, :, None]  # [B, 1, Gq, 1]
+        do_g = jnp.where(used, _gather_slots(do, slots.rows.pos), jnp.zeros((), do.dtype))
         di_g = _delta(do_g, out_g)
-        ks, vs = (k, v) if k_g is None else (k_g, v_g)
-        dq_g = _backward_dq(cfg_g, q_g, ks, vs, None, None, glob.kinfo, glob.qinfo, *glob.sched,
+        dq_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo, *glob.sched,
                             lse_g, di_g, do_g)
-        if k_g is None:  # the same keys: accumulate onto the rows pass's dK / dV in place
-            dk, dv = _backward_dkv(cfg_g, 0, q_g, k, v, glob.kinfo, glob.qinfo, *glob.tsched[0],
-                                   lse_g, di_g, do_g, init=(dk, dv))
-        else:
-            dk_g, dv_g = _backward_dkv(cfg_g, 0, q_g, k_g, v_g, glob.kinfo, glob.qinfo,
-                                       *glob.tsched[0], lse_g, di_g, do_g)
+        dk_g, dv_g = _backward_dkv(cfg_g, 0, qs, ks, vs, glob.kinfo, glob.qinfo, *glob.tsched[0],
+                                   lse_g, di_g, do_g)
         dsinks = dsinks + _dsinks(cfg_g, sinks, lse_g, di_g)
+        if shared:  # folded into the rows pass's dQ and added to its dK / dV
+            dq_fold = Fold(slots.rows, (dq_g,), cfg_g.bq)
+            dk, dv = dk_g, dv_g
+        else:
+            dqkv_g = (dq_g, dk_g, dv_g)
+    kg, vg = gathered[1:] if cfg.n_global_blocks else (None, None)
+    di = _delta(do, out)
+    if cfg.row_code:  # global rows hold the global-rows pass's output: nothing of this pass
+        di = jnp.where(rows.qinfo[:, :, :1, :] != 0, 0.0, di)
+    dq = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, di, do,
+                      fold=dq_fold)
+    key_fold = None
+    if cfg.n_global_blocks:
+        dkv_slots = _backward_dkv(cfg, 0, q, kg, vg, rows.kinfo, rows.qinfo, *rows.tsched[0],
+                                  lse, di, do)
+        key_fold = Fold(slots.keys, tuple(dkv_slots), cfg.bk)
+    dk_r, dv_r = _backward_dkv(cfg, cfg.n_global_blocks, q, k, v, rows.kinfo, rows.qinfo,
+                               *rows.tsched[-1], lse, di, do, fold=key_fold)
+    # Summed by XLA (fused into the layout change that follows): in-place accumulation
+    # in the kernel (input_output_aliases) compiled to more temporaries on TPU.
+    dk, dv = (dk_r, dv_r) if dk is None else (dk + dk_r, dv + dv_r)
+    dsinks = dsinks + _dsinks(cfg, sinks, lse, di)
     # Inside shard_map, sinks replicated over axes that the rows vary over get
     # the sum of every shard's gradient (the transpose of that broadcast).
     spread = tuple(sorted(jax.typeof(dsinks).mat.varying - jax.typeof(sinks).mat.varying))
     if spread:
         dsinks = lax.psum(dsinks, spread)
     none = lambda t: jax.tree.map(lambda _: None, t)  # noqa: E731
-    return dq, dk, dv, dq_g, dk_g, dv_g, dsinks, none(rows), none(glob), none(slots)
+    return dq, dk, dv, dqkv_g, dsinks, none(rows), none(glob), none(slots), none(gathered)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
