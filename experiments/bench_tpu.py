@@ -76,6 +76,21 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     rows["fwd"] += 2 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
     rows["bwd"] += (3 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
                     + 4 * nk * bk * H * itemsize + nk * nqg * 2 * bqg * H * itemsize)
+    # Folds: the rows pass's forward and dq kernels read the global rows' outputs / dq,
+    # the sequence dkv kernel the slots' dK and dV, two slot blocks (and their
+    # positions) per sequence block, fetched again only when the slot block changes.
+    pos = np.round(np.arange(G) * T / G).astype(int) if G else np.zeros(0, int)
+
+    def fetches(seq_block: int, slot_block: int) -> int:
+        first = np.searchsorted(pos, np.arange(0, Tp, seq_block)) // slot_block
+        n_slot = max(1, S.cdiv(len(pos), slot_block))
+        return sum(1 + int(np.count_nonzero(np.diff(np.minimum(first + t, n_slot - 1))))
+                   for t in range(2))
+
+    if G:
+        rows["fwd"] += fetches(bq, bqg) * bqg * (H * itemsize + 4)
+        rows["bwd"] += (fetches(bq, bqg) * bqg * (H * itemsize + 4)
+                        + fetches(bk, bk) * bk * (2 * H * itemsize + 4))
     return {k: float(v) * N for k, v in rows.items()}
 
 
@@ -185,7 +200,12 @@ def ratios(rows: List[Dict[str, Any]]) -> str:
         sp = next((r for k, r in by.items() if k[0] == "splash" and k[1:4] == (mode, T, w)
                    and k[5] == H), None)
         xl = by.get(("xla", mode, T, w, G, H))
-        a = f"{pr['temp_bytes'] / sp['temp_bytes']:.2f}x" if sp and sp["temp_bytes"] else "n/a"
+        if sp is None:
+            a = "n/a"
+        elif sp["temp_bytes"]:
+            a = f"{pr['temp_bytes'] / sp['temp_bytes']:.3f}x"
+        else:  # splash-local needs no HBM temporaries: only 0 matches it
+            a = "both 0" if pr["temp_bytes"] == 0 else "inf (splash 0)"
         b = f"{xl['temp_bytes'] / pr['temp_bytes']:.2f}x" if xl and pr["temp_bytes"] else "n/a"
         lines.append(f"| {T} | {w} | {G} | {H} | {a} | {b} | {'yes' if pr['fits'] else 'NO'} |")
     return "\n".join(lines)

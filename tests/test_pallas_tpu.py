@@ -10,7 +10,7 @@ bf16-rounded inputs: forward <= 2e-2, gradients <= 5e-2 (probabilities are
 rounded to bf16 before P @ V and dS @ K, as on the MXU).
 
 Interpret-mode programs take ~10-20 s each to compile, so the default suite
-runs one fixed case with every feature (~30 s); the hypothesis sets and the race detector run
+runs two fixed cases (~40 s); the hypothesis sets and the race detector run
 under ``-m slow``: ``python -m pytest -q -m slow tests/test_pallas_tpu.py``.
 """
 from __future__ import annotations
@@ -211,6 +211,14 @@ def test_every_feature_f32_with_nan_in_padding():
     # per-head random blocks with a duplicate draw, global_qkv; NaN in padding.
     _check_f32(_fixed_case(0, T=37, window=(5, 3), causal=True, random=True, gqkv=True,
                            sinks=True, bq=8, bk=16), poison=True)
+
+
+def test_non_causal_folds_over_several_slot_blocks_f32_with_nan_in_padding():
+    # Non-causal: the empty global slots (capacity T, a few used) attend every key with
+    # position 0's query and must get no cotangent; blocks of 8 put the slots in 5 slot
+    # blocks, so the kernels' folds of outputs, dq and slot dK / dV cross slot blocks.
+    _check_f32(_fixed_case(3, T=37, window=(2, 4), causal=False, random=False, gqkv=False,
+                           sinks=True, bq=8, bk=8), poison=True)
 
 
 @pytest.mark.slow

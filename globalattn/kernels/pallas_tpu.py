@@ -1,6 +1,6 @@
 """``implementation='pallas_tpu'``: fused global + local attention for TPU (Pallas / Mosaic).
 
-Two calls of one block-sparse flash-attention primitive
+Two passes of one block-sparse flash-attention primitive with its own VJP
 (:func:`globalattn.kernels.pallas_tpu_kernels.attend`):
 
 1. **Rows pass.** All T query rows against ``[K_globals ; K]``: the G global
@@ -12,8 +12,14 @@ Two calls of one block-sparse flash-attention primitive
    inside the window (already counted there) and global keys drawn by a random
    block; duplicated random draws count once because the pair mask is an OR.
 2. **Global-rows pass.** The G global query rows (``q_g`` with ``global_qkv``)
-   against every real key, written over the rows pass at their positions
-   (where a row code makes global rows attend nothing in the rows pass).
+   against every real key. It runs first: the rows pass's kernel writes its
+   outputs at their rows (a row code makes global rows attend nothing there)
+   with a one-hot matmul over the two blocks of slots a row block can hold, so
+   no full-length copy is made to overwrite them.
+
+Gradients meet the same way: the slots' dK / dV and the global rows' dQ are
+folded into the sequence's dK / dV and dQ inside the kernels; the two passes'
+dK / dV are summed by XLA, fused into the layout change that follows.
 
 Softmax is online in float32 with a custom VJP whose backward kernels recompute
 probabilities from the per-row log-sum-exp: nothing of size T x window lives in
@@ -105,8 +111,8 @@ def _gather_rows(x: Array, pos: Array, slot: Array, axis: int = 1) -> Array:
 
     Only slots named by ``slot`` receive gradient: the others (empty capacity)
     must have zero cotangent, which holds because they are masked everywhere.
-    Gathering from the heads-first arrays the kernels read keeps this cotangent
-    in their layout, next to theirs, instead of a token-major [B, T, N, H] copy.
+    Used for the global rows of ``global_qkv``'s queries (the rows pass's own
+    slots are gathered for the kernel without a gradient: it folds theirs in).
     """
     return _take_rows(x, pos, axis)
 

@@ -1,13 +1,18 @@
 """Block-sparse flash attention in Pallas TPU (Mosaic): forward, dq and dk/dv kernels.
 
-One differentiable primitive, :func:`attend`, serves both passes of the global
-+ local kernel (see :mod:`globalattn.kernels.pallas_tpu`):
+One differentiable primitive, :func:`attend`, runs both passes of the global +
+local kernel (see :mod:`globalattn.kernels.pallas_tpu`) with one custom VJP:
 
 * rows pass: every query block against its scheduled key blocks of
   ``[global slots ; sequence]``; the pair mask is window, global columns
   (outside the window) and random blocks (not global, not in the window);
 * full-rows pass (``full_rows=True``): gathered global query rows against every
   real key of the sequence.
+
+Rows that live in G slots (the global rows' outputs and dq, the key slots' dK /
+dV) are folded into a block of the sequence inside the kernels: a one-hot
+``[block, slots]`` matmul over the two slot blocks that can hold the block's
+slots (:func:`_fold_rows`), scalar-prefetched per block.
 
 Layout is heads-first ``[B, N, T, H]``. Softmax is online in float32 with the
 row max and denominator in VMEM scratch; the only per-row residual written to
