@@ -246,9 +246,9 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                                                   jnp.where(gvalid, gpos, T)].set(
             jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
         slot_p = jnp.pad(slot, ((0, 0), (0, Tp - T)), constant_values=-1)  # [B, Tp]
-        # The kernel gathers K / V of the slots itself and adds their gradients
-        # back at these positions (slot_block: the slot block of each key block's
-        # first global; positions ascend with the slot).
+        # The slots' K / V are gathered below without a gradient; the kernel adds
+        # theirs back at these positions (slot_block: the slot block of each key
+        # block's first global; positions ascend with the slot).
         before = jnp.cumsum(slot_p >= 0, axis=1, dtype=jnp.int32) - (slot_p >= 0)
         key_slots = SlotTable(pos=gpos_k, fold_pos=jnp.where(gvalid_k, gpos_k, -1)[:, None, :],
                               slot_block=before[:, ::bk] // bk)
@@ -320,7 +320,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     # Gq <= bq or blocks of bq slots: a query block's <= bq slots lie in two slot blocks.
     row_slots = SlotTable(pos=gpos_q, fold_pos=jnp.where(gvalid_q, gpos_q, -1)[:, None, :],
                           slot_block=before[:, ::bq] // bqg)
-    qkv_g = None  # the kernel gathers the global rows of q and keeps K / V (one dK / dV)
+    qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
     if args.global_qkv is not None:
         qg_src, kg_src, vg_src = (heads_first(x) for x in args.global_qkv)
         qkv_g = (_gather_rows(qg_src, gpos_q, slot_p, 2), kg_src, vg_src)  # q: [B, N, Gq, H]
