@@ -34,17 +34,7 @@ from ml_collections import config_flags
 
 import globalattn  # noqa: F401  (XLA workaround before any array)
 from globalattn.train import ablation, apply_overrides, load_config_module
-from globalattn.train.cli import parse_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with an ablation().",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_GLOBALS = flags.DEFINE_list("num_active_globals", None, "Global counts, e.g. 0,4,16.")
-_SEEDS = flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1.")
-_LRS = flags.DEFINE_list("learning_rates", None, "Peak learning rates, e.g. 1e-3,2e-3.")
-_DATA = flags.DEFINE_list("data_configs", None, "Task sizes (data.config names).")
-_SPEEDUP = flags.DEFINE_integer("speedup_steps", None, "Steps to time vmapped vs one variant "
-                                "(default: the config's ablation(); 0 = skip).")
+from globalattn.train.cli import config_flag_values, parse_flags
 
 AXES = ("num_active_globals", "seeds", "learning_rates", "data_configs")
 _HEADLINE = ("accuracy", "exact_match")
@@ -233,13 +223,24 @@ def run_ablations(config, specs: Sequence[dict[str, Any]], workdir: str, *,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"),
-                usage=__doc__)
-    path, _, arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
+    argv = list(sys.argv if argv is None else argv)
+    fv, config_flag = config_flag_values(argv, None, "Config file with an ablation().")
+    workdir = flags.DEFINE_string("workdir", None, "Output directory.", flag_values=fv)
+    axis_flags = [
+        flags.DEFINE_list("num_active_globals", None, "Global counts, e.g. 0,4,16.",
+                          flag_values=fv),
+        flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1.", flag_values=fv),
+        flags.DEFINE_list("learning_rates", None, "Peak learning rates, e.g. 1e-3,2e-3.",
+                          flag_values=fv),
+        flags.DEFINE_list("data_configs", None, "Task sizes (data.config names).", flag_values=fv)]
+    speedup = flags.DEFINE_integer("speedup_steps", None, "Steps to time vmapped vs one variant "
+                                   "(default: the config's ablation(); 0 = skip).", flag_values=fv)
+    parse_flags(argv, required=("config", "workdir"), usage=__doc__, flag_values=fv)
+    path, _, arg = config_flags.get_config_filename(fv["config"]).partition(":")
     specs = config_axes(load_config_module(path), arg or None) or [{}]
     parse = {"num_active_globals": int, "seeds": int, "learning_rates": float,
              "data_configs": str}
-    for name, flag in zip(AXES, (_GLOBALS, _SEEDS, _LRS, _DATA)):
+    for name, flag in zip(AXES, axis_flags):
         if flag.value is not None:
             try:
                 values = [parse[name](x) for x in flag.value]
@@ -249,9 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sys.exit(2)
             for axes in specs:
                 axes[name] = values
-    out = run_ablations(_CONFIG.value, specs, _WORKDIR.value, speedup_steps=_SPEEDUP.value,
+    out = run_ablations(config_flag.value, specs, workdir.value, speedup_steps=speedup.value,
                         smoke=f"{path}:{arg}" if arg in ("quick", "test") else None)
-    with open(os.path.join(_WORKDIR.value, "results.md")) as f:
+    with open(os.path.join(workdir.value, "results.md")) as f:
         print(f.read())
     return out
 

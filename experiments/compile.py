@@ -181,17 +181,14 @@ def format_report(r: Mapping[str, Any]) -> str:
 
 def main(argv=None) -> int:
     from absl import flags
-    from ml_collections import config_flags
 
-    from globalattn.train.cli import parse_flags
+    from globalattn.train.cli import config_flag_values, parse_flags
 
     # Flags of this call only (not absl's global FLAGS): main() can run more than once in a
     # process, and ml_collections looks for the --config.x overrides in this argv.
     argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file, e.g. configs/long_range.py[:quick].",
-        flag_values=fv, lock_config=True, sys_argv=argv)
+    fv, config_flag = config_flag_values(
+        argv, None, "Experiment config file, e.g. configs/long_range.py[:quick].")
     topology = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 or v5p:2x2x1.",
                                    flag_values=fv)
     attention = flags.DEFINE_string("attention", "auto", "auto (what a TPU picks), xla, pallas_tpu.",

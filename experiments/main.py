@@ -22,16 +22,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from globalattn import data as data_lib
-from globalattn.train.cli import parse_flags
+from globalattn.train.cli import config_flag_values, parse_flags
 from globalattn.train.config import (call_sweep, load_config_module, sweep_configs,
                                      validate_config)
 from globalattn.train.loop import train_and_evaluate
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "long_range.py:main")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                          "Experiment config file with a sweep().")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/globalattn_main", "Output directory.")
 
 _HEADLINE = ("accuracy", "exact_match")  # the first metric a task reports
 
@@ -57,20 +54,25 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parse_flags(sys.argv if argv is None else argv, usage=__doc__)
-    path, _, arg = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
+    argv = list(sys.argv if argv is None else argv)
+    fv, config_flag = config_flag_values(argv, _DEFAULT_CONFIG,
+                                         "Experiment config file with a sweep().")
+    workdir_flag = flags.DEFINE_string("workdir", "/tmp/globalattn_main", "Output directory.",
+                                       flag_values=fv)
+    parse_flags(argv, usage=__doc__, flag_values=fv)
+    path, _, arg = config_flags.get_config_filename(fv["config"]).partition(":")
     runs = call_sweep(load_config_module(path), arg or None)
     if not runs:
         print(f"error: {path} defines no sweep()", file=sys.stderr)
         sys.exit(2)
     try:
-        variants = sweep_configs(_CONFIG.value, runs)
+        variants = sweep_configs(config_flag.value, runs)
         for _, config in variants:
             validate_config(config)
     except (KeyError, TypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = os.path.abspath(workdir_flag.value)
     print(f"workdir: {workdir} ({len(variants)} variants of {path}{':' + arg if arg else ''})",
           flush=True)
     rows = []

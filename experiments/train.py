@@ -11,24 +11,25 @@ from __future__ import annotations
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from globalattn.train import distributed
-from globalattn.train.cli import parse_flags
+from globalattn.train.cli import config_flag_values, parse_flags
 from globalattn.train.loop import train_and_evaluate
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/long_range.py[:quick].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parse_flags(sys.argv if argv is None else argv, required=("config", "workdir"), usage=__doc__)
+    argv = list(sys.argv if argv is None else argv)
+    fv, config_flag = config_flag_values(
+        argv, None, "Experiment config file, e.g. configs/long_range.py[:quick].")
+    workdir = flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).",
+                                  flag_values=fv)
+    parse_flags(argv, required=("config", "workdir"), usage=__doc__, flag_values=fv)
+    config = config_flag.value
     # Multi-host: connect the processes before any JAX computation (a no-op on one machine).
-    settings = _CONFIG.value.get("distributed")
+    settings = config.get("distributed")
     distributed.initialize(None if settings is None else settings.to_dict())
     try:
-        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        result = train_and_evaluate(config, workdir.value)
     except ValueError as err:
         if str(err).startswith("invalid config"):
             print(f"error: {err}", file=sys.stderr)

@@ -92,8 +92,7 @@ def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch, capsys)
     argv = ["ablate", f"--config={ROOT}/configs/global_count.py:test", f"--workdir={workdir}",
             f"--config.data.data_dir={tmp_path / 'tfds'}", "--num_active_globals=0,4,8",
             "--speedup_steps=2"]
-    monkeypatch.setattr("sys.argv", argv)  # config_flags reads --config.* from sys.argv
-    out = ablate.main(argv)
+    out = ablate.main(argv)  # in-process: the --config.* overrides come from argv alone
     rows = out["rows"]
     assert [(r["num_active_globals"], r["seed"]) for r in rows] == [(0, 0), (4, 0), (8, 0)]
     assert all(0.0 <= r["validation"] <= 1.0 and r["test"] is None for r in rows)

@@ -227,3 +227,33 @@ def test_compile_cli_takes_overrides_in_process_and_runs_twice(capsys, monkeypat
         aot.main(base + ["--config.model.num_layrs=2"])
     assert exit_.value.code == 2
     assert "error: unknown config field 'num_layrs'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "main", "ablate"])
+def test_training_clis_take_overrides_in_process_and_run_twice(command, capsys, monkeypatch):
+    # Like compile: flags per call, so --config.x overrides are found in the argv given
+    # (pytest's sys.argv holds none of them) and a second call defines no flag twice.
+    import importlib
+
+    module = importlib.import_module(f"experiments.{command}")
+    seen = []
+
+    def stop(config, *rest, **kw):  # stands in for training: record the config and stop
+        seen.append(config.model.d_model if hasattr(config, "model") else config)
+        raise ValueError("invalid config: stop here")
+
+    name = "run_ablations" if command == "ablate" else "train_and_evaluate"
+    monkeypatch.setattr(module, name, stop)
+    config = {"train": "configs/mqar.py:quick", "main": "configs/mqar.py:quick",
+              "ablate": "configs/global_count.py:test"}[command]
+    for d_model in (48, 80):
+        argv = [command, f"--config={config}", "--workdir=/tmp/unused_cli",
+                f"--config.model.d_model={d_model}"]
+        with pytest.raises((SystemExit, ValueError)):
+            module.main(argv)
+    assert seen == [48, 80]
+    with pytest.raises(SystemExit) as exit_:
+        module.main([command, f"--config={config}", "--workdir=/tmp/unused_cli",
+                     "--config.model.num_layrs=2"])
+    assert exit_.value.code == 2
+    assert "error: unknown config field 'num_layrs'" in capsys.readouterr().err

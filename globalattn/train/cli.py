@@ -8,7 +8,23 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-__all__ = ["parse_flags"]
+__all__ = ["config_flag_values", "parse_flags"]
+
+
+def config_flag_values(argv: Sequence[str], default: str | None, help_text: str):
+    """A fresh ``FlagValues`` holding ``--config`` for one call of a command's ``main``.
+
+    ml_collections finds the ``--config.x=y`` overrides in the argv it is given
+    at definition, so a flag defined at import (on absl's global ``FLAGS``)
+    sees only ``sys.argv``: ``main([... '--config.x=y'])`` called in-process
+    would reject the override, and a second call would define the flag twice.
+    Returns ``(flag_values, config_flag)``; define the command's other flags on
+    ``flag_values`` and pass it to :func:`parse_flags`.
+    """
+    fv = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", default, help_text, flag_values=fv,
+                                             lock_config=True, sys_argv=list(argv))
+    return fv, config
 
 
 def parse_flags(argv: Sequence[str], required: Sequence[str] = (), usage: str = "",
