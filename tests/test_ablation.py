@@ -85,7 +85,7 @@ def test_grid_and_variant_errors(config):
 
 
 @pytest.mark.slow  # ~1 min on 2 cores; .ci/run runs it with -m slow
-def test_ablate_cli_writes_table_plot_and_timings(tmp_path, monkeypatch, capsys):
+def test_ablate_cli_writes_table_plot_and_timings(tmp_path, capsys):
     from experiments import ablate
 
     workdir = tmp_path / "ablate"
