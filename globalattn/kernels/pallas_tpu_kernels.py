@@ -235,7 +235,8 @@ def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, H: int):
     for x in fold.values:
         for t in range(2):
             specs.append(pl.BlockSpec(
-                (None, None, fb, H), lambda b, n, r, j, *pre, t=t: (b, n, blk(b, r, t, pre[-1]), 0)))
+                (None, None, fb, H),
+                lambda b, n, r, j, *pre, t=t: (b, n, blk(b, r, t, pre[-1]), 0)))
             args.append(x)
     return specs, args
 
