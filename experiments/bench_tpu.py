@@ -79,7 +79,7 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     # Folds: the rows pass's forward and dq kernels read the global rows' outputs / dq,
     # the sequence dkv kernel the slots' dK and dV, two slot blocks (and their
     # positions) per sequence block, fetched again only when the slot block changes.
-    pos = np.round(np.arange(G) * T / G).astype(int) if G else np.zeros(0, int)
+    pos = np.flatnonzero(_globals(T, G)[0])  # ascending, as the benchmark places them
 
     def fetches(seq_block: int, slot_block: int) -> int:
         first = np.searchsorted(pos, np.arange(0, Tp, seq_block)) // slot_block
@@ -88,9 +88,9 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
                    for t in range(2))
 
     if G:
-        rows["fwd"] += fetches(bq, bqg) * bqg * (H * itemsize + 4)
-        rows["bwd"] += (fetches(bq, bqg) * bqg * (H * itemsize + 4)
-                        + fetches(bk, bk) * bk * (2 * H * itemsize + 4))
+        out_rows = fetches(bq, bqg) * bqg * (H * itemsize + 4)  # out_g (fwd), dq_g (bwd)
+        rows["fwd"] += out_rows
+        rows["bwd"] += out_rows + fetches(bk, bk) * bk * (2 * H * itemsize + 4)
     return {k: float(v) * N for k, v in rows.items()}
 
 

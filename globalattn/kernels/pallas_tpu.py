@@ -250,8 +250,12 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         # theirs back at these positions (slot_block: the slot block of each key
         # block's first global; positions ascend with the slot).
         before = jnp.cumsum(slot_p >= 0, axis=1, dtype=jnp.int32) - (slot_p >= 0)
-        key_slots = SlotTable(pos=gpos_k, fold_pos=jnp.where(gvalid_k, gpos_k, -1)[:, None, :],
-                              slot_block=before[:, ::bk] // bk)
+
+        def slot_table(pos, valid, seq_block, slot_block):
+            return SlotTable(pos=pos, fold_pos=jnp.where(valid, pos, -1)[:, None, :],
+                             slot_block=before[:, ::seq_block] // slot_block)
+
+        key_slots = slot_table(gpos_k, gvalid_k, bk, bk)
         g_info = S.key_info(gpos_k, jnp.where(gvalid_k, S.CODE_GLOBAL_SLOT, S.CODE_INVALID),
                             None)
         kinfo = jnp.concatenate([g_info, seq_info], axis=2)
@@ -285,11 +289,9 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         length += ng
     nk = need.shape[-1]
     sched = S.lists_from_need(need, min(nk, length))
-    groups, tsched = [], []
+    tsched = []  # transposed lists: the global slots' (every query block), the sequence's
     if has_g:
-        groups.append((0, ng))
         tsched.append(S.lists_from_need(jnp.swapaxes(need[..., :ng], -1, -2), nq))
-    groups.append((ng, nks))
     tsched.append(S.lists_from_need(jnp.swapaxes(need[..., ng:], -1, -2), min(nq, t_length)))
     if has_g:
         # Row code: global rows attend nothing in the rows pass (the global-rows pass
@@ -304,7 +306,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
                  n_rand=n_rand, row_code=has_g, sched_bn=tuple(sched_bn),
                  info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
-                 has_sinks=has_sinks, groups=tuple(groups), n_global_blocks=ng,
+                 has_sinks=has_sinks, n_global_blocks=ng,
                  interpret=interpret)
     rows = Pass(kinfo, qinfo, sched, tuple(tsched))
     if not has_g:
@@ -318,8 +320,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     gpos_q = jnp.pad(gpos, ((0, 0), (0, Gq - G)))
     gvalid_q = jnp.pad(gvalid, ((0, 0), (0, Gq - G)))
     # Gq <= bq or blocks of bq slots: a query block's <= bq slots lie in two slot blocks.
-    row_slots = SlotTable(pos=gpos_q, fold_pos=jnp.where(gvalid_q, gpos_q, -1)[:, None, :],
-                          slot_block=before[:, ::bq] // bqg)
+    row_slots = slot_table(gpos_q, gvalid_q, bq, bqg)
     qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
     if args.global_qkv is not None:
         qg_src, kg_src, vg_src = (heads_first(x) for x in args.global_qkv)
@@ -333,8 +334,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     need_g = need_g[None, None]
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
                    n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1),
-                   has_sinks=has_sinks,
-                   groups=((0, nks),), n_global_blocks=0, interpret=interpret)
+                   has_sinks=has_sinks, n_global_blocks=0, interpret=interpret)
     glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
                      (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
     # The slots' rows, gathered from the token-major inputs (no gradient of their own:

@@ -58,7 +58,6 @@ class Config(NamedTuple):
     sched_bn: Tuple[int, int]  # leading (B', N') of the schedules: 1 = shared
     info_bn: Tuple[int, int]  # leading (B', N') of qinfo
     has_sinks: bool
-    groups: Tuple[Tuple[int, int], ...]  # dk/dv key-block groups: (first block, block count)
     n_global_blocks: int  # key blocks [0, ng) are the global slots (inputs kg, vg), the rest K
     interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
 
@@ -263,6 +262,12 @@ def _fold_rows(pos_col, sblk, n_slot_blocks: int, refs, n_values: int):
     return out
 
 
+def _fold_query_block(cfg: Config, b, i, nq: int, sblk_ref, n_fold: int, refs):
+    """The one folded value at the rows of query block ``i`` (forward and dq kernels)."""
+    rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, (cfg.bq, 1), 0)
+    return _fold_rows(rows, sblk_ref[b * nq + i], n_fold, refs, 1)[0]
+
+
 def _n_fold_blocks(fold: Optional[Fold]) -> int:
     return 0 if fold is None else fold.table.fold_pos.shape[-1] // fold.block
 
@@ -316,8 +321,7 @@ def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: i
         has = l > 0
         o = acc_ref[...] / jnp.where(has, l, 1.0)
         if n_fold:  # the global rows' outputs, written over rows that attended nothing here
-            rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, (cfg.bq, 1), 0)
-            o = o + _fold_rows(rows, sblk_ref[b * nq + i], n_fold, fold_refs, 1)[0]
+            o = o + _fold_query_block(cfg, b, i, nq, sblk_ref, n_fold, fold_refs)
         o_ref[...] = o.astype(o_ref.dtype)
         # +inf for an empty row: its probabilities exp(s - lse) are 0 in the backward.
         lse = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l_ref[...], 1.0)), jnp.inf)
@@ -425,8 +429,7 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
     def _finish():
         dq = acc_ref[...] * scale
         if n_fold:  # the global rows' dq, at rows that attended nothing here
-            rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, (cfg.bq, 1), 0)
-            dq = dq + _fold_rows(rows, sblk_ref[b * nq + i], n_fold, fold_refs, 1)[0]
+            dq = dq + _fold_query_block(cfg, b, i, nq, sblk_ref, n_fold, fold_refs)
         dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -590,7 +593,9 @@ class Pass(NamedTuple):
 
     ``kinfo [B, 3, S]`` (see :func:`pallas_tpu_schedule.key_info`), ``qinfo``
     ``[B', N', R, Tq]`` or None, ``sched = (ids, count)`` the forward block
-    lists, ``tsched`` one ``(ids, count)`` per entry of the pass's ``groups``.
+    lists, ``tsched`` the transposed lists (key block -> query blocks): one
+    ``(ids, count)`` for the global slots (when ``n_global_blocks``), then one
+    for the sequence.
     """
 
     kinfo: Array
@@ -640,8 +645,9 @@ def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
     ``qkv_g[1:]``; their outputs are written at their rows of the rows pass's
     output (rows the row code keeps empty there). ``sinks [N]`` float32
     (ignored unless ``cfg.has_sinks``). Differentiable in the arrays; the
-    backward adds the slots' and the global rows' gradients into one dQ and
-    one dK / dV in place. Returns ``[B, N, Tq, H]``.
+    backward folds the slots' dK / dV and the global rows' dQ into the
+    sequence's inside the kernels, and XLA adds the global-rows pass's dK / dV
+    to the rows pass's. Returns ``[B, N, Tq, H]``.
 
     ``gathered = (q rows, k slots, v slots)`` (``[B, N, Gq | ng * bk, H]``,
     None where unused) must equal the rows of ``q, k, v`` at ``slots.rows.pos``
