@@ -338,3 +338,26 @@ def test_no_races_or_out_of_bounds_under_tpu_interpreter(monkeypatch, random, ca
     assert not any(s.races_found for s in states)
     _assert_close_finite(out_e, out_o, F32_FWD, "forward (TPU interpreter)")
     _assert_close_finite(g_e, g_o, F32_BWD, "vjp (TPU interpreter)")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fold_gives_each_row_its_own_slot_value_non_finite_included(dtype):
+    # The kernels' fold (one-hot matmul over two slot blocks of 4): a NaN or +-inf in one
+    # slot's value reaches that slot's row only (0 * nan in a plain matmul reaches every row).
+    from globalattn.kernels import pallas_tpu_kernels as K
+    pos = jnp.asarray([[3, 5, 9, -1], [12, 14, -1, -1]], jnp.int32)  # two slot blocks
+    vals = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)), dtype)
+    vals = vals.at[0, 1, 0].set(jnp.nan).at[0, 2, 2].set(jnp.inf).at[1, 0, 1].set(-jnp.inf)
+    rows = jnp.arange(16, dtype=jnp.int32)[:, None]
+    refs = [pos[0][None], pos[1][None], vals[0], vals[1]]
+    got = np.asarray(K._fold_rows(rows, 0, 2, refs, 1)[0])
+    want = np.zeros((16, 3), np.float32)
+    for p, row in zip(np.asarray(pos).ravel(), np.asarray(vals, np.float32).reshape(8, 3)):
+        if p >= 0:
+            want[p] = row
+    np.testing.assert_array_equal(got, want)
+    # The last slot block has no successor: its clamped copy must not count twice.
+    got_last = np.asarray(K._fold_rows(rows, 1, 2, [pos[1][None], pos[1][None], vals[1],
+                                                    vals[1]], 1)[0])
+    want_last = np.where(np.isin(np.arange(16), [12, 14])[:, None], want, 0)
+    np.testing.assert_array_equal(got_last, want_last)

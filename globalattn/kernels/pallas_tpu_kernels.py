@@ -245,8 +245,13 @@ def _fold_rows(pos_col, sblk, n_slot_blocks: int, refs, n_values: int):
 
     ``pos_col [R, 1]`` (or broadcastable to ``[R, fb]``): the positions of the
     block's rows; ``refs``: the fold's 2 position refs then 2 refs per value.
+    A row takes its slot's value exactly, NaN and +-inf included, and no other
+    slot's: the matmul sees only finite values (``0 * nan`` would spread one
+    slot's NaN to every row), and a second one carries each element's kind
+    (1 NaN, 2 +inf, 4 -inf: small integers, exact in any float dtype).
     """
     out = [0.0] * n_values
+    kind = [0.0] * n_values
     for t in range(2):
         # The second slot block is clamped to the last one: when it does not
         # exist, shift its positions out of reach instead of counting twice.
@@ -254,12 +259,22 @@ def _fold_rows(pos_col, sblk, n_slot_blocks: int, refs, n_values: int):
         hit = pos_col == refs[t][...] + shift
         for a in range(n_values):
             g = refs[2 + 2 * a + t][...]
+            g32 = g.astype(jnp.float32)  # (Mosaic tests finiteness in float32 only)
+            finite = jnp.isfinite(g32)
+            code = jnp.where(jnp.isnan(g32), 1.0,
+                             jnp.where(finite, 0.0, jnp.where(g32 > 0, 2.0, 4.0)))
             # One 1 per row: exact in one bf16 pass; float32 needs the full precision.
             exact = lax.Precision.HIGHEST if g.dtype == jnp.float32 else lax.Precision.DEFAULT
-            out[a] = out[a] + lax.dot_general(hit.astype(g.dtype), g, _NN,
-                                              preferred_element_type=jnp.float32,
+            h = hit.astype(g.dtype)
+            out[a] = out[a] + lax.dot_general(h, jnp.where(finite, g32, 0.0).astype(g.dtype),
+                                              _NN, preferred_element_type=jnp.float32,
                                               precision=exact)
-    return out
+            kind[a] = kind[a] + lax.dot_general(h, code.astype(g.dtype), _NN,
+                                                preferred_element_type=jnp.float32)
+    inf = jnp.float32(jnp.inf)
+    return [jnp.where(c == 1.0, jnp.float32(jnp.nan),
+                      jnp.where(c == 2.0, inf, jnp.where(c == 4.0, -inf, o)))
+            for o, c in zip(out, kind)]
 
 
 def _fold_query_block(cfg: Config, b, i, nq: int, sblk_ref, n_fold: int, refs):
