@@ -46,6 +46,7 @@ class Case:
     use_gqkv: bool
     block_q: Optional[int]
     seed: int
+    chunk_rows: Optional[int] = None
 
     def kwargs(self):
         return dict(
@@ -102,8 +103,10 @@ def cases(draw, allow_random=True):
     sinks = rs.standard_normal(N).astype(np.float32) if draw(st.booleans()) else None
     use_gqkv = glob is not None and draw(st.booleans())
     block_q = draw(st.sampled_from([None, 1, 4, 16]))
+    # 1: one query block (or BigBird block) per step of the loop over the rows.
+    chunk_rows = draw(st.sampled_from([None, 1, 20]))
     return Case(B, T, N, H, window, draw(st.booleans()), glob, pad, rb, bs, sinks, use_gqkv,
-                block_q, int(rs.integers(0, 2**31 - 1)))
+                block_q, int(rs.integers(0, 2**31 - 1)), chunk_rows)
 
 
 def _inputs(c: Case, dtype=jnp.float32):
@@ -119,7 +122,7 @@ def _inputs(c: Case, dtype=jnp.float32):
 def _efficient(c: Case, q, k, v, gqkv):
     return ga.global_local_attention(q, k, v, **c.kwargs(), global_qkv=gqkv,
                                      max_globals=None if c.glob is None else c.T,
-                                     block_q=c.block_q)
+                                     block_q=c.block_q, chunk_rows=c.chunk_rows)
 
 
 def _oracle(c: Case, q, k, v, gqkv):
@@ -191,6 +194,43 @@ def test_nan_in_masked_slots_and_block_padding_never_leaks(c):
         core_mod.BLOCK_PAD_FILL = old
     _assert_close_finite(out, clean_out, 0.0, "forward with NaN in masked slots")
     _assert_close_finite(g, clean_g, 0.0, "gradients with NaN in masked slots")
+
+
+@pytest.mark.parametrize("causal,random,chunk_rows", [
+    (False, False, 1), (True, False, 7), (False, True, 1), (True, True, 13)])
+def test_loop_over_row_chunks_matches_oracle(causal, random, chunk_rows):
+    # The 'xla' path's loop over chunks of rows: several chunks, the last one past T,
+    # globals outside and inside the window in every chunk, BigBird blocks of 3 against
+    # query blocks of 4 (a chunk is whole blocks of both), left and right padding,
+    # sinks and global_qkv; NaN in masked slots and in the block padding.
+    B, T, N, H = 2, 37, 2, 4
+    rs = np.random.default_rng(11)
+    glob = np.zeros((B, T), bool)
+    glob[0, [1, 9, 17, 30, 36]] = True
+    glob[1, [4, 22, 33]] = True
+    pad = np.ones((B, T), bool)
+    pad[0, 33:] = False
+    pad[1, :3] = False
+    rb = rs.integers(0, -(-T // 3), (B, N, -(-T // 3), 2)) if random else None
+    c = Case(B, T, N, H, (3, 2), causal, glob, pad, rb, 3 if random else None,
+             rs.standard_normal(N).astype(np.float32), True, 4, 5, chunk_rows)
+    q, k, v, gqkv = _inputs(c)
+    cot = jnp.asarray(rs.standard_normal(q.shape), jnp.float32)
+    out_o, g_o = _fwd_and_grads(_oracle, c, q, k, v, gqkv, cot)
+    out_e, g_e = _fwd_and_grads(_efficient, c, q, k, v, gqkv, cot)
+    _assert_close_finite(out_e, out_o, F32_FWD, "forward")
+    _assert_close_finite(g_e, g_o, F32_BWD, "vjp")
+    bad = jnp.asarray(~pad)[:, :, None, None]
+    poison = lambda x: jnp.where(bad, jnp.nan, x)  # noqa: E731
+    old = core_mod.BLOCK_PAD_FILL
+    core_mod.BLOCK_PAD_FILL = float("nan")
+    try:
+        out_n, g_n = _fwd_and_grads(_efficient, c, poison(q), poison(k), poison(v),
+                                    tuple(poison(x) for x in gqkv), cot)
+    finally:
+        core_mod.BLOCK_PAD_FILL = old
+    _assert_close_finite(out_n, out_e, 0.0, "forward with NaN in masked slots")
+    _assert_close_finite(g_n, g_e, 0.0, "gradients with NaN in masked slots")
 
 
 def test_jit_nojit_vmap_agree_and_no_retrace():
@@ -402,6 +442,7 @@ class TestErrors:
         (dict(global_qkv=(jnp.ones((2, 16, 2, 3)),) * 3), r"q_g must have shape"),
         (dict(global_mask=jnp.ones((2, 16), bool), max_globals=-1), r"max_globals must be a non-negative int"),
         (dict(block_q=0), r"block_q must be a positive int"),
+        (dict(chunk_rows=0), r"chunk_rows must be a positive int"),
     ])
     def test_value_errors_name_the_values(self, kw, match):
         with pytest.raises(ValueError, match=match):

@@ -256,6 +256,9 @@ def test_dispatcher_picks_the_kernel_and_rejects_bad_blocks():
     with pytest.raises(ValueError, match="block_q tunes the 'xla' implementation"):
         ga.global_local_attention(q, q, q, local_window_size=2, block_q=8,
                                   implementation="pallas_tpu")
+    with pytest.raises(ValueError, match="chunk_rows tunes the 'xla' implementation"):
+        ga.global_local_attention(q, q, q, local_window_size=2, chunk_rows=8,
+                                  implementation="pallas_tpu")
 
 
 def test_schedule_lists_are_sets_within_their_bound():

@@ -40,6 +40,7 @@ __all__ = [
     "Part",
     "non_finite_to_keys",
     "blocks",
+    "blocks_pad",
     "global_column_part",
     "global_row_part",
     "joint_softmax",
@@ -96,6 +97,12 @@ def non_finite_to_keys(k: Array, v: Array) -> Tuple[Array, Array]:
         jnp.isfinite(v), axis=-1, keepdims=True)
     return (jnp.where(ok, k, jnp.array(jnp.nan, k.dtype)),
             jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype)))
+
+
+def blocks_pad(x: Array, axis: int, before: int, after: int) -> Array:
+    """Pads ``axis`` with internal block padding (:data:`BLOCK_PAD_FILL`, False for
+    masks): callers mask it away, never trust it to be zero."""
+    return _pad_axis(x, axis, before, after)
 
 
 def _pad_axis(x: Array, axis: int, before: int, after: int) -> Array:
@@ -188,9 +195,9 @@ def global_column_part(q: Array, k_g: Array, v_g: Array, gpos: Array, gvalid: Ar
     return Part(_scores(q[:, :, None], k_g[:, :, None], mask, scale), mask, v_g[:, :, None])
 
 
-def random_part(q: Array, k: Array, v: Array, pad: Array, glob: Optional[Array],
-                random_blocks: Array, block_size: int, *, left: int, right: int,
-                is_causal: bool, scale: float) -> Part:
+def random_part(q: Array, k: Array, v: Array, q_ok: Array, pad: Array, glob: Optional[Array],
+                random_blocks: Array, block_size: int, *, row0: Union[int, Array], left: int,
+                right: int, is_causal: bool, scale: float) -> Part:
     """BigBird random key blocks of each query block, minus what is counted elsewhere.
 
     A block drawn twice for the same query block counts once; keys inside the
@@ -199,34 +206,39 @@ def random_part(q: Array, k: Array, v: Array, pad: Array, glob: Optional[Array],
     :func:`globalattn.global_local_mask`).
 
     Args:
-      q, k, v: ``[B, N, T, H]``; pad, glob bool ``[B, T]`` (glob may be None).
-      random_blocks: int ``[B or 1, N or 1, ceil(T / block_size), r]``.
+      q: ``[B, N, R, H]`` query rows at positions ``row0 .. row0 + R - 1`` (R and
+        row0 multiples of ``block_size``); q_ok bool ``[B, R]``.
+      k, v: ``[B, N, T, H]`` every key; pad, glob bool ``[B, T]`` (glob may be None).
+      random_blocks: int ``[B or 1, N or 1, R / block_size, r]``: the draws of
+        those query blocks.
     """
-    B, N, T, _ = q.shape
+    B, N, R, H = q.shape
+    T = k.shape[2]
     bs = block_size
-    nbr = -(-T // bs)
+    nqb = R // bs
+    nbk = -(-T // bs)
     r = random_blocks.shape[-1]
-    rbb = jnp.broadcast_to(random_blocks, (B, N, nbr, r))
-    in_range = (rbb >= 0) & (rbb < nbr)
+    rbb = jnp.broadcast_to(random_blocks, (B, N, nqb, r))
+    in_range = (rbb >= 0) & (rbb < nbk)
     dup = jnp.any(
         (rbb[..., :, None] == rbb[..., None, :])
-        & (jnp.arange(r)[:, None] > jnp.arange(r)[None, :]), axis=-1)  # [B, N, nbr, r]
-    kpos = (rbb[..., None] * bs + jnp.arange(bs)).reshape(B, N, nbr, r * bs)
+        & (jnp.arange(r)[:, None] > jnp.arange(r)[None, :]), axis=-1)  # [B, N, nqb, r]
+    kpos = (rbb[..., None] * bs + jnp.arange(bs)).reshape(B, N, nqb, r * bs)
     kpos_c = jnp.clip(kpos, 0, T - 1)
     bidx = jnp.arange(B)[:, None, None, None]
     nidx = jnp.arange(N)[None, :, None, None]
-    k_r = k[bidx, nidx, kpos_c]  # [B, N, nbr, r*bs, H]
+    k_r = k[bidx, nidx, kpos_c]  # [B, N, nqb, r*bs, H]
     v_r = v[bidx, nidx, kpos_c]
     ok = (kpos < T) & pad[bidx, kpos_c] & jnp.repeat(in_range & ~dup, bs, axis=-1)
     if glob is not None:
         ok = ok & ~glob[bidx, kpos_c]
-    qpos = jnp.arange(nbr * bs).reshape(nbr, bs)
-    rel = kpos[:, :, :, None, :] - qpos[None, None, :, :, None]  # [B, N, nbr, bs, r*bs]
-    row_ok = blocks(pad, 1, nbr, bs)[:, None, :, :, None]
+    qpos = row0 + jnp.arange(R).reshape(nqb, bs)
+    rel = kpos[:, :, :, None, :] - qpos[None, None, :, :, None]  # [B, N, nqb, bs, r*bs]
+    row_ok = q_ok.reshape(B, nqb, bs)[:, None, :, :, None]
     mask = ok[:, :, :, None, :] & row_ok & ~_in_window(rel, left, right)
     if is_causal:
         mask = mask & (rel <= 0)
-    q_r = jnp.where(row_ok, blocks(q, 2, nbr, bs), jnp.zeros((), q.dtype))  # [B, N, nbr, bs, H]
+    q_r = jnp.where(row_ok, q.reshape(B, N, nqb, bs, H), jnp.zeros((), q.dtype))
     return Part(_scores(q_r, k_r, mask, scale), mask, v_r)
 
 
