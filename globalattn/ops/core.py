@@ -29,7 +29,7 @@ the rows that attend it become NaN, instead of every row whose block holds it).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,8 @@ __all__ = [
     "non_finite_to_keys",
     "blocks",
     "blocks_pad",
+    "chunk_rows",
+    "over_row_chunks",
     "global_column_part",
     "global_row_part",
     "joint_softmax",
@@ -255,6 +257,31 @@ def global_row_part(q_rows: Array, k: Array, v: Array, gpos: Array, gvalid: Arra
         mask = mask & (kpos[None, None, :] <= gpos[:, :, None])
     mask = mask[:, None, None]  # [B, 1, 1, G, S]
     return Part(_scores(q_rows[:, :, None], k[:, :, None], mask, scale), mask, v[:, :, None])
+
+
+# --------------------------------------------------------------------------
+# Rows in chunks.
+# --------------------------------------------------------------------------
+def chunk_rows(n_rows: int, unit: int, requested: int) -> int:
+    """Rows per chunk: ``requested`` rounded down to a multiple of ``unit`` (at
+    least one unit), and no more units than ``n_rows`` needs."""
+    units = -(-n_rows // unit)
+    return unit * min(units, max(1, requested // unit))
+
+
+def over_row_chunks(chunk: Callable[[Array], Array], n_rows: int, rows: int) -> Array:
+    """``chunk(r0)`` -> ``[B, N, rows, H]`` for rows ``r0 .. r0 + rows - 1``, for
+    ``r0 = 0, rows, 2 * rows, ...``; returns ``[B, N, n_rows, H]`` (rows past
+    ``n_rows`` dropped).
+
+    One ``lax.map`` step per chunk, rematerialised in the backward: no chunk's
+    scores are kept for the backward, and each pass over them touches one
+    chunk's worth of memory (cache-sized on a CPU).
+    """
+    n = -(-n_rows // rows)
+    out = jax.lax.map(jax.checkpoint(lambda i: chunk(i * rows)), jnp.arange(n))
+    out = jnp.moveaxis(out, 0, 2)  # [B, N, n, rows, H]
+    return out.reshape(out.shape[:2] + (n * rows, out.shape[-1]))[:, :, :n_rows]
 
 
 # --------------------------------------------------------------------------

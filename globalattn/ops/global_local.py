@@ -257,14 +257,12 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
                                       "chunk_rows")
     rb, bs = args.random_blocks, args.block_size
 
-    unit = bq if rb is None else math.lcm(bq, bs)
-    R = unit * max(1, chunk_rows // unit)
-    R = min(R, -(-T // unit) * unit)  # rows per chunk
-    n_chunks = -(-T // R)
-    Tr = n_chunks * R
+    R = core.chunk_rows(T, bq if rb is None else math.lcm(bq, bs), chunk_rows)
+    Tr = -(-T // R) * R
+    # Keys with a halo of whole blocks before row 0 and after the last chunk row
+    # (what the slabs need): chunk r0's keys are one slice. Block padding is
+    # masked, not trusted.
     lead, trail = -(-left // bq) * bq, -(-right // bq) * bq
-    # Keys with a halo of `lead` before row 0 and `trail` after the last chunk
-    # row: chunk i's keys are one slice. Block padding is masked, not trusted.
     k_h = core.blocks_pad(kt, 2, lead, Tr - T + trail)
     v_h = core.blocks_pad(vt, 2, lead, Tr - T + trail)
     k_ok_h = core.blocks_pad(pad, 1, lead, Tr - T + trail)
@@ -279,12 +277,11 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
         k_g = jnp.take_along_axis(kt, gidx, axis=2)  # [B, N, G, H]
         v_g = jnp.take_along_axis(vt, gidx, axis=2)
 
-    def chunk(i):
-        r0 = i * R
+    def chunk(r0):
         rows = lambda x, axis, n=R: jax.lax.dynamic_slice_in_dim(x, r0, n, axis)  # noqa: E731
         q_ok = rows(q_ok_p, 1)
         q_c = jnp.where(q_ok[:, None, :, None], rows(q_p, 2), jnp.zeros((), q_p.dtype))
-        keys = R + lead + trail
+        keys = lead + R + trail
         parts = [core.local_part(q_c, rows(k_h, 2, keys), rows(v_h, 2, keys), q_ok,
                                  rows(k_ok_h, 1, keys), left=left, right=right, block_q=bq,
                                  scale=scale, lead=lead)]
@@ -299,8 +296,7 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
                                           scale=scale))
         return core.joint_softmax(parts, R, sinks=args.sinks)  # [B, N, R, H] f32
 
-    out = jax.lax.map(jax.checkpoint(chunk), jnp.arange(n_chunks))  # [n, B, N, R, H]
-    out = jnp.moveaxis(out, 0, 2).reshape(B, N, Tr, H)[:, :, :T]
+    out = core.over_row_chunks(chunk, T, R)  # [B, N, T, H]
     out = jnp.transpose(out, (0, 2, 1, 3))  # [B, T, N, H]
 
     if G > 0:  # global rows: full attention for the G slots, written over

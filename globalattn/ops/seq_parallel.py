@@ -37,7 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from globalattn.ops import core
 from globalattn.ops import validate as V
 from globalattn.ops.dense import Window
-from globalattn.ops.global_local import default_block_q
+from globalattn.ops.global_local import CHUNK_ROWS, default_block_q
 
 Array = jax.Array
 
@@ -54,6 +54,7 @@ class _Cfg:
     right: int
     G: int
     bq: int
+    rows: int  # rows per chunk of the non-global rows
     causal: bool
     has_glob: bool
     has_sinks: bool
@@ -131,13 +132,31 @@ def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cf
 
     # ---- non-global rows: local window over [halo_left | chunk | halo_right]
     # and the global keys outside it, one joint softmax with the sink ------
+    # In chunks of cfg.rows rows (as the single-device path): each chunk's keys
+    # are one slice of [halo_left | chunk | halo_right], widened to whole blocks.
     k_ext, v_ext, pad_ext = _exchange_halos(kz, vz, pad, cfg)
-    parts = [core.local_part(qz, k_ext, v_ext, pad, pad_ext, left=left, right=right,
-                             block_q=cfg.bq, scale=scale, lead=left)]
-    if G > 0:
-        parts.append(core.global_column_part(qz, k_g, v_g, gpos, gvalid, qpos, pad, left=left,
-                                             right=right, is_causal=cfg.causal, scale=scale))
-    out = jnp.swapaxes(core.joint_softmax(parts, C, sinks=sinks), 1, 2)  # [B, C, N, H]
+    R, bq = cfg.rows, cfg.bq
+    Cr = -(-C // R) * R
+    lead, trail = -(-left // bq) * bq, -(-right // bq) * bq
+    k_h, v_h = (core.blocks_pad(x, 2, lead - left, Cr - C + trail - right) for x in (k_ext, v_ext))
+    k_ok_h = core.blocks_pad(pad_ext, 1, lead - left, Cr - C + trail - right)
+    q_p, q_ok_p = core.blocks_pad(qz, 2, 0, Cr - C), core.blocks_pad(pad, 1, 0, Cr - C)
+
+    def chunk(r0):
+        rows = lambda x, axis, n=R: jax.lax.dynamic_slice_in_dim(x, r0, n, axis)  # noqa: E731
+        q_ok = rows(q_ok_p, 1)
+        q_c = jnp.where(q_ok[:, None, :, None], rows(q_p, 2), jnp.zeros((), q_p.dtype))
+        keys = lead + R + trail
+        parts = [core.local_part(q_c, rows(k_h, 2, keys), rows(v_h, 2, keys), q_ok,
+                                 rows(k_ok_h, 1, keys), left=left, right=right, block_q=bq,
+                                 scale=scale, lead=lead)]
+        if G > 0:
+            parts.append(core.global_column_part(
+                q_c, k_g, v_g, gpos, gvalid, base + r0 + jnp.arange(R, dtype=jnp.int32), q_ok,
+                left=left, right=right, is_causal=cfg.causal, scale=scale))
+        return core.joint_softmax(parts, R, sinks=sinks)  # [B, N, R, H]
+
+    out = jnp.swapaxes(core.over_row_chunks(chunk, C, R), 1, 2)  # [B, C, N, H]
 
     # ---- global rows: partial softmax per shard, combined by log-sum-exp --
     if G > 0:
@@ -183,6 +202,7 @@ def sequence_parallel_global_local_attention(
     batch_axis: Optional[str] = None,
     head_axis: Optional[str] = None,
     block_q: Optional[int] = None,
+    chunk_rows: Optional[int] = None,
     random_blocks: Optional[Array] = None,
     block_size: Optional[int] = None,
 ) -> Array:
@@ -210,6 +230,8 @@ def sequence_parallel_global_local_attention(
       batch_axis, head_axis: optional mesh axes that also split B and N (no
         communication along them).
       block_q: query-block size of the local part (tuning knob only).
+      chunk_rows: rows per step of the loop over each device's rows, as in
+        :func:`globalattn.global_local_attention` (tuning knob only).
       random_blocks, block_size: BigBird random blocks are not supported here
         (a random block may live on any device); passing them raises ValueError.
 
@@ -260,7 +282,9 @@ def sequence_parallel_global_local_attention(
 
     bq = block_q if block_q is not None else default_block_q(C, left, right)
     bq = V.check_positive_int(bq, "block_q")
-    cfg = _Cfg(axis=seq_axis, P=P, C=C, left=left, right=right, G=G, bq=bq,
+    rows = core.chunk_rows(C, bq, V.check_positive_int(
+        chunk_rows if chunk_rows is not None else CHUNK_ROWS, "chunk_rows"))
+    cfg = _Cfg(axis=seq_axis, P=P, C=C, left=left, right=right, G=G, bq=bq, rows=rows,
                causal=bool(is_causal), has_glob=glob is not None,
                has_sinks=sinks is not None, has_gqkv=global_qkv is not None and G > 0)
 
