@@ -43,6 +43,9 @@ __all__ = [
     "blocks_pad",
     "chunk_rows",
     "over_row_chunks",
+    "window_chunk",
+    "window_rows",
+    "WindowRows",
     "global_column_part",
     "global_row_part",
     "joint_softmax",
@@ -267,6 +270,56 @@ def chunk_rows(n_rows: int, unit: int, requested: int) -> int:
     least one unit), and no more units than ``n_rows`` needs."""
     units = -(-n_rows // unit)
     return unit * min(units, max(1, requested // unit))
+
+
+class WindowRows(NamedTuple):
+    """What a chunk of rows slices for its local part: rows ``r0 .. r0 + rows - 1``
+    are ``q[:, :, r0:r0 + rows]``, their keys ``k[:, :, r0:r0 + lead + rows + trail]``.
+
+    Built by :func:`window_rows`; block padding is masked, never trusted.
+    """
+
+    q: Array  # [B, N, n_chunks * rows, H]
+    q_ok: Array  # [B, n_chunks * rows]
+    k: Array  # [B, N, lead + n_chunks * rows + trail, H]
+    v: Array
+    k_ok: Array  # [B, lead + n_chunks * rows + trail]
+    rows: int
+    lead: int  # whole query blocks: the slabs need no further padding
+    trail: int
+    left: int
+    right: int
+    block_q: int
+
+
+def window_rows(q: Array, q_ok: Array, k: Array, v: Array, k_ok: Array, *, rows: int,
+                left: int, right: int, block_q: int, halo: Tuple[int, int] = (0, 0)
+                ) -> WindowRows:
+    """Pads ``q [B, N, C, H]`` (q_ok ``[B, C]``) to whole chunks of ``rows`` and
+    ``k, v`` (k_ok) to whole blocks of halo around them. ``k`` holds ``halo[0]``
+    keys before query row 0 and ``halo[1]`` after row C - 1 (another device's;
+    at most ``left`` / ``right``)."""
+    C = q.shape[2]
+    Cr = -(-C // rows) * rows
+    lead, trail = -(-left // block_q) * block_q, -(-right // block_q) * block_q
+    before, after = lead - halo[0], Cr - C + trail - halo[1]
+    return WindowRows(blocks_pad(q, 2, 0, Cr - C), blocks_pad(q_ok, 1, 0, Cr - C),
+                      blocks_pad(k, 2, before, after), blocks_pad(v, 2, before, after),
+                      blocks_pad(k_ok, 1, before, after), rows, lead, trail, left, right,
+                      block_q)
+
+
+def window_chunk(w: WindowRows, r0: Array, *, scale: float) -> Tuple[Array, Array, Part]:
+    """Chunk ``r0`` of ``w``: its queries ``[B, N, rows, H]`` (zero where not
+    ``q_ok``), ``q_ok [B, rows]`` and its :func:`local_part`."""
+    def sl(x, axis, n):
+        return jax.lax.dynamic_slice_in_dim(x, r0, n, axis)
+    q_ok = sl(w.q_ok, 1, w.rows)
+    q = jnp.where(q_ok[:, None, :, None], sl(w.q, 2, w.rows), jnp.zeros((), w.q.dtype))
+    keys = w.lead + w.rows + w.trail
+    part = local_part(q, sl(w.k, 2, keys), sl(w.v, 2, keys), q_ok, sl(w.k_ok, 1, keys),
+                      left=w.left, right=w.right, block_q=w.block_q, scale=scale, lead=w.lead)
+    return q, q_ok, part
 
 
 def over_row_chunks(chunk: Callable[[Array], Array], n_rows: int, rows: int) -> Array:

@@ -258,18 +258,9 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
     rb, bs = args.random_blocks, args.block_size
 
     R = core.chunk_rows(T, bq if rb is None else math.lcm(bq, bs), chunk_rows)
-    Tr = -(-T // R) * R
-    # Keys with a halo of whole blocks before row 0 and after the last chunk row
-    # (what the slabs need): chunk r0's keys are one slice. Block padding is
-    # masked, not trusted.
-    lead, trail = -(-left // bq) * bq, -(-right // bq) * bq
-    k_h = core.blocks_pad(kt, 2, lead, Tr - T + trail)
-    v_h = core.blocks_pad(vt, 2, lead, Tr - T + trail)
-    k_ok_h = core.blocks_pad(pad, 1, lead, Tr - T + trail)
-    q_p = core.blocks_pad(qt, 2, 0, Tr - T)
-    q_ok_p = core.blocks_pad(pad, 1, 0, Tr - T)
+    w = core.window_rows(qt, pad, kt, vt, pad, rows=R, left=left, right=right, block_q=bq)
     if rb is not None:  # draws of the padding rows' blocks: -1 selects no block
-        rb = jnp.pad(rb, ((0, 0), (0, 0), (0, Tr // bs - rb.shape[2]), (0, 0)),
+        rb = jnp.pad(rb, ((0, 0), (0, 0), (0, w.q.shape[2] // bs - rb.shape[2]), (0, 0)),
                      constant_values=-1)
     if G > 0:
         gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
@@ -278,13 +269,8 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
         v_g = jnp.take_along_axis(vt, gidx, axis=2)
 
     def chunk(r0):
-        rows = lambda x, axis, n=R: jax.lax.dynamic_slice_in_dim(x, r0, n, axis)  # noqa: E731
-        q_ok = rows(q_ok_p, 1)
-        q_c = jnp.where(q_ok[:, None, :, None], rows(q_p, 2), jnp.zeros((), q_p.dtype))
-        keys = lead + R + trail
-        parts = [core.local_part(q_c, rows(k_h, 2, keys), rows(v_h, 2, keys), q_ok,
-                                 rows(k_ok_h, 1, keys), left=left, right=right, block_q=bq,
-                                 scale=scale, lead=lead)]
+        q_c, q_ok, local = core.window_chunk(w, r0, scale=scale)
+        parts = [local]
         if G > 0:
             parts.append(core.global_column_part(
                 q_c, k_g, v_g, gpos, gvalid, r0 + jnp.arange(R), q_ok, left=left, right=right,

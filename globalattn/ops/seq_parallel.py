@@ -132,24 +132,16 @@ def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cf
 
     # ---- non-global rows: local window over [halo_left | chunk | halo_right]
     # and the global keys outside it, one joint softmax with the sink ------
-    # In chunks of cfg.rows rows (as the single-device path): each chunk's keys
-    # are one slice of [halo_left | chunk | halo_right], widened to whole blocks.
+    # In chunks of cfg.rows rows, as on one device; the keys are
+    # [halo_left | chunk | halo_right].
     k_ext, v_ext, pad_ext = _exchange_halos(kz, vz, pad, cfg)
-    R, bq = cfg.rows, cfg.bq
-    Cr = -(-C // R) * R
-    lead, trail = -(-left // bq) * bq, -(-right // bq) * bq
-    k_h, v_h = (core.blocks_pad(x, 2, lead - left, Cr - C + trail - right) for x in (k_ext, v_ext))
-    k_ok_h = core.blocks_pad(pad_ext, 1, lead - left, Cr - C + trail - right)
-    q_p, q_ok_p = core.blocks_pad(qz, 2, 0, Cr - C), core.blocks_pad(pad, 1, 0, Cr - C)
+    R = cfg.rows
+    w = core.window_rows(qz, pad, k_ext, v_ext, pad_ext, rows=R, left=left, right=right,
+                         block_q=cfg.bq, halo=(left, right))
 
     def chunk(r0):
-        rows = lambda x, axis, n=R: jax.lax.dynamic_slice_in_dim(x, r0, n, axis)  # noqa: E731
-        q_ok = rows(q_ok_p, 1)
-        q_c = jnp.where(q_ok[:, None, :, None], rows(q_p, 2), jnp.zeros((), q_p.dtype))
-        keys = lead + R + trail
-        parts = [core.local_part(q_c, rows(k_h, 2, keys), rows(v_h, 2, keys), q_ok,
-                                 rows(k_ok_h, 1, keys), left=left, right=right, block_q=bq,
-                                 scale=scale, lead=lead)]
+        q_c, q_ok, local = core.window_chunk(w, r0, scale=scale)
+        parts = [local]
         if G > 0:
             parts.append(core.global_column_part(
                 q_c, k_g, v_g, gpos, gvalid, base + r0 + jnp.arange(R, dtype=jnp.int32), q_ok,
