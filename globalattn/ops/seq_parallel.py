@@ -131,9 +131,8 @@ def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cf
         gvalid = jnp.arange(G)[None, :] < total[:, None]  # [B, G]
 
     # ---- non-global rows: local window over [halo_left | chunk | halo_right]
-    # and the global keys outside it, one joint softmax with the sink ------
-    # In chunks of cfg.rows rows, as on one device; the keys are
-    # [halo_left | chunk | halo_right].
+    # and the global keys outside it, one joint softmax with the sink, in
+    # chunks of cfg.rows rows as on one device ------------------------------
     k_ext, v_ext, pad_ext = _exchange_halos(kz, vz, pad, cfg)
     R = cfg.rows
     w = core.window_rows(qz, pad, k_ext, v_ext, pad_ext, rows=R, left=left, right=right,
