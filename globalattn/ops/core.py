@@ -309,17 +309,27 @@ def window_rows(q: Array, q_ok: Array, k: Array, v: Array, k_ok: Array, *, rows:
                       block_q)
 
 
-def window_chunk(w: WindowRows, r0: Array, *, scale: float) -> Tuple[Array, Array, Part]:
+def window_chunk(w: WindowRows, r0: Array, *, scale: float,
+                 columns: Optional[Tuple[Array, Array, Array, Array]] = None,
+                 pos0: Union[int, Array] = 0, is_causal: bool = False
+                 ) -> Tuple[Array, Array, List[Part]]:
     """Chunk ``r0`` of ``w``: its queries ``[B, N, rows, H]`` (zero where not
-    ``q_ok``), ``q_ok [B, rows]`` and its :func:`local_part`."""
+    ``q_ok``), ``q_ok [B, rows]`` and its parts: :func:`local_part`, then with
+    ``columns = (k_g, v_g, gpos, gvalid)`` :func:`global_column_part` (row ``r``
+    of ``w`` is at absolute position ``pos0 + r``)."""
     def sl(x, axis, n):
         return jax.lax.dynamic_slice_in_dim(x, r0, n, axis)
     q_ok = sl(w.q_ok, 1, w.rows)
     q = jnp.where(q_ok[:, None, :, None], sl(w.q, 2, w.rows), jnp.zeros((), w.q.dtype))
     keys = w.lead + w.rows + w.trail
-    part = local_part(q, sl(w.k, 2, keys), sl(w.v, 2, keys), q_ok, sl(w.k_ok, 1, keys),
-                      left=w.left, right=w.right, block_q=w.block_q, scale=scale, lead=w.lead)
-    return q, q_ok, part
+    parts = [local_part(q, sl(w.k, 2, keys), sl(w.v, 2, keys), q_ok, sl(w.k_ok, 1, keys),
+                        left=w.left, right=w.right, block_q=w.block_q, scale=scale,
+                        lead=w.lead)]
+    if columns is not None:
+        qpos = pos0 + r0 + jnp.arange(w.rows, dtype=jnp.int32)
+        parts.append(global_column_part(q, *columns, qpos, q_ok, left=w.left, right=w.right,
+                                        is_causal=is_causal, scale=scale))
+    return q, q_ok, parts
 
 
 def over_row_chunks(chunk: Callable[[Array], Array], n_rows: int, rows: int) -> Array:

@@ -269,12 +269,9 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
         v_g = jnp.take_along_axis(vt, gidx, axis=2)
 
     def chunk(r0):
-        q_c, q_ok, local = core.window_chunk(w, r0, scale=scale)
-        parts = [local]
-        if G > 0:
-            parts.append(core.global_column_part(
-                q_c, k_g, v_g, gpos, gvalid, r0 + jnp.arange(R), q_ok, left=left, right=right,
-                is_causal=causal, scale=scale))
+        q_c, q_ok, parts = core.window_chunk(
+            w, r0, scale=scale, columns=(k_g, v_g, gpos, gvalid) if G > 0 else None,
+            is_causal=causal)
         if rb is not None:
             rb_c = jax.lax.dynamic_slice_in_dim(rb, r0 // bs, R // bs, 2)
             parts.append(core.random_part(q_c, kt, vt, q_ok, pad, glob, rb_c, bs, row0=r0,

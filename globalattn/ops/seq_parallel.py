@@ -139,12 +139,9 @@ def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cf
                          block_q=cfg.bq, halo=(left, right))
 
     def chunk(r0):
-        q_c, q_ok, local = core.window_chunk(w, r0, scale=scale)
-        parts = [local]
-        if G > 0:
-            parts.append(core.global_column_part(
-                q_c, k_g, v_g, gpos, gvalid, base + r0 + jnp.arange(R, dtype=jnp.int32), q_ok,
-                left=left, right=right, is_causal=cfg.causal, scale=scale))
+        _, _, parts = core.window_chunk(
+            w, r0, scale=scale, columns=(k_g, v_g, gpos, gvalid) if G > 0 else None,
+            pos0=base, is_causal=cfg.causal)
         return core.joint_softmax(parts, R, sinks=sinks)  # [B, N, R, H]
 
     out = jnp.swapaxes(core.over_row_chunks(chunk, C, R), 1, 2)  # [B, C, N, H]
