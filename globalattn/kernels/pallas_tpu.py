@@ -31,7 +31,6 @@ block_k`` scores; global-rows pass ``G * T``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Any, Iterator, Optional
 
@@ -40,7 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from globalattn.kernels import pallas_tpu_schedule as S
-from globalattn.kernels.pallas_tpu_kernels import Config, Pass, Slots, SlotTable, attend
+from globalattn.kernels.pallas_tpu_kernels import (Config, Pass, Slots, SlotTable, attend,
+                                                   heads_per_block)
 from globalattn.ops.dense import gather_global_positions
 
 Array = jax.Array
@@ -93,39 +93,38 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
     return value
 
 
-# Moving the G global rows in and out of [B, T, N, H] / [B, N, T, H] arrays. Autodiff
+# Moving the G global rows in and out of token-major [B, T, N * H] arrays. Autodiff
 # of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
-def _take_rows(x: Array, idx: Array, axis: int = 1) -> Array:
-    """``x[b, idx[b, l]]`` along ``axis`` (1: ``[B, T, ...]``, 2: ``[B, N, T, ...]``),
-    ``idx [B, L]``."""
-    shape = [1] * x.ndim
-    shape[0], shape[axis] = idx.shape
-    return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
+def _take_rows(x: Array, idx: Array, valid: Optional[Array] = None) -> Array:
+    """``x[b, idx[b, l]]`` of ``x [B, T, W]``, ``idx [B, L]``; zero where ``valid`` is False."""
+    rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+    if valid is None:
+        return rows
+    return jnp.where(valid[:, :, None], rows, jnp.zeros((), x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gather_rows(x: Array, pos: Array, slot: Array, axis: int = 1) -> Array:
-    """``x[b, pos[b, g]]`` along ``axis`` (the sequence axis: 1 for [B, T, N, H], 2 for
-    [B, N, T, H]); ``slot [B, T]`` = the slot of each position or -1.
+@jax.custom_vjp
+def _gather_rows(x: Array, pos: Array, valid: Array, slot: Array) -> Array:
+    """``x[b, pos[b, g]]`` of ``x [B, T, W]``, zero where ``valid [B, G]`` is False;
+    ``slot [B, T]`` = the slot of each position or -1.
 
-    Only slots named by ``slot`` receive gradient: the others (empty capacity)
-    must have zero cotangent, which holds because they are masked everywhere.
-    Used for the global rows of ``global_qkv``'s queries (the rows pass's own
-    slots are gathered for the kernel without a gradient: it folds theirs in).
+    Only slots named by ``slot`` receive gradient (an empty slot's row is a
+    zero). Used for the global rows of ``global_qkv``'s queries (the rows
+    pass's own slots are gathered for the kernel without a gradient: it folds
+    theirs in).
     """
-    return _take_rows(x, pos, axis)
+    return _take_rows(x, pos, valid)
 
 
-def _gather_rows_fwd(x, pos, slot, axis):
-    return _gather_rows(x, pos, slot, axis), (pos, slot)
+def _gather_rows_fwd(x, pos, valid, slot):
+    return _gather_rows(x, pos, valid, slot), (pos, slot)
 
 
-def _gather_rows_bwd(axis, res, ct):
+def _gather_rows_bwd(res, ct):
     pos, slot = res
-    back = _take_rows(ct, jnp.maximum(slot, 0), axis)
-    keep = (slot >= 0)[:, :, None, None] if axis == 1 else (slot >= 0)[:, None, :, None]
-    return jnp.where(keep, back, jnp.zeros((), ct.dtype)), None, None
+    back = _take_rows(ct, jnp.maximum(slot, 0), slot >= 0)
+    return back, None, None, None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -202,19 +201,19 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     Tp = S.cdiv(T, math.lcm(bq, bk)) * math.lcm(bq, bk)
     nq, nks = Tp // bq, Tp // bk
     left, right, causal = args.left, args.right, args.is_causal
+    # Heads per block: lane-dense blocks on TPU; in interpret mode an 8-lane unit, so
+    # that small test heads also share blocks.
+    hb = heads_per_block(N, H, _TPU_BLOCK if strict else 8)
+    Ng = N // hb
 
     pad = args.padding_mask
     pad_p = jnp.pad(pad, ((0, 0), (0, Tp - T)))
-    keep = pad[:, :, None, None]
 
-    def masked(x):  # masked slots are zeroed: NaN/inf written there must reach nothing
-        return jnp.where(keep, x, jnp.zeros((), x.dtype))
+    def token_major(x):  # [B, T, N, H] -> [B, Tp, N * H]: the same memory, no copy
+        x = x.reshape(B, T, N * H)
+        return x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0)))
 
-    def heads_first(x):  # [B, T, N, H] -> [B, N, Tp, H]
-        x = jnp.transpose(masked(x), (0, 2, 1, 3))
-        return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
-
-    qt, kt, vt = heads_first(q), heads_first(k), heads_first(v)
+    qt, kt, vt = token_major(q), token_major(k), token_major(v)
     has_sinks = args.sinks is not None
     sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
     glob, G = args.global_mask, args.max_globals
@@ -236,6 +235,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     ng = 0
     key_slots = None
     kinfo = seq_info
+    slot_p = jnp.full((B, Tp), -1, jnp.int32)
     if has_g:
         gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
         ng = S.cdiv(G, bk)
@@ -264,17 +264,30 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     need_seq = S.band_need(nq, bq, nks, bk, left, right, T)[None, None]  # [1, 1, nq, nks]
     length = S.band_bound(bq, bk, left, right)
     t_length = S.band_bound(bk, bq, right, left)
-    qinfo, n_rand, sched_bn = None, 0, (1, 1)
+    n_rand, info_heads = 0, 1
+    # Row code: padding (2) and global rows (1) attend nothing in the rows pass (the
+    # global-rows pass writes the latter), so their inputs and cotangents may hold anything.
+    code = jnp.where(pad_p, (slot_p >= 0).astype(jnp.int32), 2)[:, None, None, :]  # [B,1,1,Tp]
+    qinfo = code
     if rb is not None:
         n_rand = rb.shape[-1]
-        rneed = S.random_need(rb, nq, bq, nks, bk, T, args.block_size)
+        rneed = S.random_need(rb, nq, bq, nks, bk, T, args.block_size)  # [B', N', nq, nks]
         if causal:
             rneed = rneed & S.causal_need(nq, bq, nks, bk)
+        if rneed.shape[1] > 1:  # per-head draws: a head group visits the union of its heads'
+            rneed = jnp.any(rneed.reshape(rneed.shape[0], Ng, hb, nq, nks), axis=2)
         need_seq = need_seq | rneed
-        sched_bn = rb.shape[:2]
-        qinfo = S.row_random_ids(rb, T, Tp, args.block_size)  # [B', N', r, Tp]
+        rand_rows = S.row_random_ids(rb, T, Tp, args.block_size)  # [B', N', r, Tp]
+        per_head = rand_rows.shape[1] > 1
+        info_heads = hb if per_head else 1
+        lead = (B, rand_rows.shape[1])
+        rows_info = jnp.concatenate([jnp.broadcast_to(code, lead + (1, Tp)),
+                                     jnp.broadcast_to(rand_rows, lead + rand_rows.shape[2:])],
+                                    axis=2)  # [B, N', 1 + r, Tp]: each head's rows together
+        qinfo = rows_info.reshape(B, Ng, hb * (1 + n_rand), Tp) if per_head else rows_info
         length += S.random_bound(bq, bk, args.block_size, n_rand)
         t_length = nq  # any number of query blocks may draw one key block
+    sched_bn = tuple(need_seq.shape[:2])
     need = need_seq
     if has_g:
         # A global block is needed when some example has a valid slot in it
@@ -293,25 +306,18 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     if has_g:
         tsched.append(S.lists_from_need(jnp.swapaxes(need[..., :ng], -1, -2), nq))
     tsched.append(S.lists_from_need(jnp.swapaxes(need[..., ng:], -1, -2), min(nq, t_length)))
-    if has_g:
-        # Row code: global rows attend nothing in the rows pass (the global-rows pass
-        # writes them), so their cotangent there needs no zeroing.
-        code = jnp.pad((slot >= 0).astype(jnp.int32), ((0, 0), (0, Tp - T)))[:, None, None, :]
-        if qinfo is None:
-            qinfo = code  # [B, 1, 1, Tp]
-        else:
-            lead = (B, qinfo.shape[1])
-            qinfo = jnp.concatenate([jnp.broadcast_to(code, lead + (1, Tp)),
-                                     jnp.broadcast_to(qinfo, lead + qinfo.shape[2:])], axis=2)
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
-                 n_rand=n_rand, row_code=has_g, sched_bn=tuple(sched_bn),
-                 info_bn=tuple(qinfo.shape[:2]) if qinfo is not None else (1, 1),
-                 has_sinks=has_sinks, n_global_blocks=ng,
+                 n_rand=n_rand, row_code=True, sched_bn=sched_bn,
+                 info_bn=tuple(qinfo.shape[:2]), info_heads=info_heads,
+                 has_sinks=has_sinks, n_global_blocks=ng, heads=hb, head_dim=H,
                  interpret=interpret)
     rows = Pass(kinfo, qinfo, sched, tuple(tsched))
+
+    def result(out):  # [B, Tp, N * H] -> [B, T, N, H]
+        return out[:, :T].reshape(B, T, N, H)
+
     if not has_g:
-        out = attend(cfg, None, qt, kt, vt, None, sinks, rows, None, None, (None,) * 3)
-        return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+        return result(attend(cfg, None, qt, kt, vt, None, sinks, rows, None, None, (None,) * 3))
 
     # ---- global rows: G query rows against every real key -----------------
     bqg = min(bq, S.cdiv(G, 8) * 8)
@@ -323,8 +329,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     row_slots = slot_table(gpos_q, gvalid_q, bq, bqg)
     qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
     if args.global_qkv is not None:
-        qg_src, kg_src, vg_src = (heads_first(x) for x in args.global_qkv)
-        qkv_g = (_gather_rows(qg_src, gpos_q, slot_p, 2), kg_src, vg_src)  # q: [B, N, Gq, H]
+        qg_src, kg_src, vg_src = (token_major(x) for x in args.global_qkv)
+        qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p), kg_src, vg_src)  # [B, Gq, NH]
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
@@ -333,16 +339,16 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         need_g = need_g & (jnp.arange(nks)[None, :] * bk <= last[:, None])
     need_g = need_g[None, None]
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
-                   n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1),
-                   has_sinks=has_sinks, n_global_blocks=0, interpret=interpret)
+                   n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1), info_heads=1,
+                   has_sinks=has_sinks, n_global_blocks=0, heads=hb, head_dim=H,
+                   interpret=interpret)
     glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
                      (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
-    # The slots' rows, gathered from the token-major inputs (no gradient of their own:
-    # the kernel attributes it to q, k, v at their positions).
-    gathered = tuple(
-        None if x is None else lax.stop_gradient(
-            jnp.transpose(_take_rows(masked(x), pos), (0, 2, 1, 3)))
-        for x, pos in ((q if qkv_g is None else None, gpos_q), (k, gpos_k), (v, gpos_k)))
+    # The slots' rows (zero in empty slots), gathered without a gradient of their own:
+    # the kernel attributes it to q, k, v at their positions.
+    gathered = (None if qkv_g is not None else lax.stop_gradient(_take_rows(qt, gpos_q, gvalid_q)),
+                lax.stop_gradient(_take_rows(kt, gpos_k, gvalid_k)),
+                lax.stop_gradient(_take_rows(vt, gpos_k, gvalid_k)))
     out = attend(cfg, cfg_g, qt, kt, vt, qkv_g, sinks, rows, glob_pass,
                  Slots(keys=key_slots, rows=row_slots), gathered)
-    return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))  # [B, T, N, H]
+    return result(out)

@@ -14,9 +14,14 @@ dV) are folded into a block of the sequence inside the kernels: a one-hot
 ``[block, slots]`` matmul over the two slot blocks that can hold the block's
 slots (:func:`_fold_rows`), scalar-prefetched per block.
 
-Layout is heads-first ``[B, N, T, H]``. Softmax is online in float32 with the
-row max and denominator in VMEM scratch; the only per-row residual written to
-HBM is the log-sum-exp ``[B, N, 1, Tq]``. Sinks start the running softmax at
+Layout is token-major ``[B, T, N * H]``, as the caller's ``[B, T, N, H]``
+arrays lie in memory: no layout change around the kernels. A block is ``bq``
+rows of ``heads`` heads (:func:`heads_per_block`: lane-dense, 128 lanes on
+TPU, e.g. two heads of 64); each head's scores are a matmul of the block with
+the other heads' lanes zeroed. Softmax is online in float32 with the row max
+and denominator of each head in VMEM scratch; the only per-row residual
+written to HBM is the log-sum-exp ``[B, N / heads, heads, Tq]``. Head groups
+share one block schedule (the union of their heads' needs). Sinks start the running softmax at
 ``(m, l) = (sink, 1)``: an extra column of value 0. The backward recomputes
 probabilities from the log-sum-exp: ``dq`` walks the forward schedule,
 ``dk``/``dv`` walk the transposed one (key block -> query blocks), in groups so
@@ -54,12 +59,27 @@ class Config(NamedTuple):
     causal: bool
     full_rows: bool  # rows see every real key (global rows); qinfo row 0 is the row position
     n_rand: int  # random ids per row in qinfo (rows pass), 0 = none
-    row_code: bool  # rows pass: qinfo row 0 flags global rows, which attend nothing here
-    sched_bn: Tuple[int, int]  # leading (B', N') of the schedules: 1 = shared
-    info_bn: Tuple[int, int]  # leading (B', N') of qinfo
+    row_code: bool  # rows pass: qinfo row 0 is nonzero for rows that attend nothing here
+    sched_bn: Tuple[int, int]  # leading (B', N') of the schedules: 1 = shared, N' = head groups
+    info_bn: Tuple[int, int]  # leading (B', N') of qinfo: N' = 1 or head groups
+    info_heads: int  # heads whose rows one qinfo block holds (1: shared by the group's heads)
     has_sinks: bool
     n_global_blocks: int  # key blocks [0, ng) are the global slots (inputs kg, vg), the rest K
+    heads: int  # heads per block: a block is [rows, heads * head_dim] of the token-major array
+    head_dim: int
     interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
+
+
+def heads_per_block(n_heads: int, head_dim: int, lanes: int) -> int:
+    """The fewest heads whose lanes fill whole ``lanes``-wide tiles, or all of them.
+
+    A block of the token-major ``[B, T, N * H]`` arrays is ``heads * H`` lanes
+    wide: a multiple of the lane tile (128 on TPU) or the whole last dimension.
+    """
+    for d in range(1, n_heads + 1):
+        if n_heads % d == 0 and (d * head_dim) % lanes == 0:
+            return d
+    return n_heads
 
 
 def _out(shape, dtype, like: Array) -> jax.ShapeDtypeStruct:
@@ -80,7 +100,7 @@ def _flat(cfg_bn, b, n, rows, row, width, col):
 def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand, qglob=None):
     """The exact pair mask; all arguments broadcast to one 2-D block."""
     valid = kcode != S.CODE_INVALID
-    if qglob is not None:  # a global row gets its attention from the global-rows pass
+    if qglob is not None:  # padding, or a global row (its attention is the global-rows pass's)
         valid = valid & (qglob == 0)
     if cfg.full_rows:
         ok = valid
@@ -101,8 +121,9 @@ def _allowed(cfg: Config, qpos, kpos, kcode, kblk, qrand, qglob=None):
     return ok
 
 
-def _row_info(cfg: Config, qinfo_ref, i, shape, rows_axis: int):
-    """Row positions, random ids and global-row flags, oriented along ``rows_axis`` of a 2-D block."""
+def _row_info(cfg: Config, qinfo_ref, i, shape, rows_axis: int, h: int = 0):
+    """Row positions, random ids (of the group's head ``h``) and row codes, oriented
+    along ``rows_axis`` of a 2-D block."""
     bq = cfg.bq
 
     def orient(x):  # a row of bq values from the qinfo block -> broadcastable vector
@@ -111,7 +132,8 @@ def _row_info(cfg: Config, qinfo_ref, i, shape, rows_axis: int):
     if cfg.full_rows:
         return orient(qinfo_ref[0]), [], None
     qpos = i * bq + lax.broadcasted_iota(jnp.int32, shape, rows_axis)
-    first = 1 if cfg.row_code else 0
+    per = (1 if cfg.row_code else 0) + cfg.n_rand  # qinfo rows per head
+    first = (h if cfg.info_heads > 1 else 0) * per + (1 if cfg.row_code else 0)
     qrand = [orient(qinfo_ref[first + t]) for t in range(cfg.n_rand)]
     return qpos, qrand, orient(qinfo_ref[0]) if cfg.row_code else None
 
@@ -120,6 +142,35 @@ def _key_info(kinfo_ref, keys_axis: int):
     def orient(x):
         return x[None, :] if keys_axis == 1 else jnp.expand_dims(x, -1)
     return orient(kinfo_ref[0]), orient(kinfo_ref[1]), orient(kinfo_ref[2])
+
+
+def _zero_rows(x: Array, flag_col: Array, keep_value: int, equal: bool) -> Array:
+    """``x [R, W]`` with rows zeroed where ``flag_col [R, 1]`` (int32) is (``equal``) or
+    is not ``keep_value``. Masked slots may hold NaN / inf that a zero probability
+    would still spread through a matmul (``0 * nan``)."""
+    flag = jnp.broadcast_to(flag_col, x.shape)
+    keep = (flag == keep_value) if equal else (flag != keep_value)
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _lanes_of(cfg: Config, shape, h: int) -> Array:
+    """Bool ``shape``: the lanes of the group's head ``h``."""
+    return lax.broadcasted_iota(jnp.int32, shape, 1) // cfg.head_dim == h
+
+
+def _head(cfg: Config, x: Array, h: int) -> Array:
+    """``x [R, heads * H]`` with every lane but head ``h``'s zeroed: its products with a
+    full-width block are head ``h``'s alone (the other heads' lanes add exact zeros)."""
+    if cfg.heads == 1:
+        return x
+    return jnp.where(_lanes_of(cfg, x.shape, h), x, jnp.zeros((), x.dtype))
+
+
+def _put(cfg: Config, acc: Array, new: Array, h: int) -> Array:
+    """``new`` in head ``h``'s lanes of ``acc``, ``acc`` elsewhere."""
+    if cfg.heads == 1:
+        return new
+    return jnp.where(_lanes_of(cfg, acc.shape, h), new, acc)
 
 
 def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globals=False):
@@ -143,7 +194,11 @@ def _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, seq_refs, glob_ref
     pl.when(live & jnp.logical_not(is_glob))(lambda: step(*seq_refs))
 
 
-def _kv_specs(cfg: Config, nq: int, L: int, H: int):
+def _width(cfg: Config) -> int:
+    return cfg.heads * cfg.head_dim
+
+
+def _kv_specs(cfg: Config, nq: int, L: int):
     """BlockSpecs of (K, V) and, with globals, (K_glob, V_glob) along the forward lists.
 
     The sequence inputs follow ``kseq`` (the list with global entries replaced
@@ -151,16 +206,16 @@ def _kv_specs(cfg: Config, nq: int, L: int, H: int):
     entries replaced by the last global block), so neither refetches a block
     while the other one is in use.
     """
-    sb, bk = cfg.sched_bn, cfg.bk
+    sb, bk, W = cfg.sched_bn, cfg.bk, _width(cfg)
 
     def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
-        return (b, n, kseq_ref[_flat(sb, b, n, nq, i, L, j)], 0)
+        return (b, kseq_ref[_flat(sb, b, n, nq, i, L, j)], n)
 
     def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
-        return (b, n, kglob_ref[_flat(sb, b, n, nq, i, L, j)], 0)
+        return (b, kglob_ref[_flat(sb, b, n, nq, i, L, j)], n)
 
-    seq = [pl.BlockSpec((None, None, bk, H), seq_map)] * 2
-    glob = [pl.BlockSpec((None, None, bk, H), glob_map)] * 2 if cfg.n_global_blocks else []
+    seq = [pl.BlockSpec((None, bk, W), seq_map)] * 2
+    glob = [pl.BlockSpec((None, bk, W), glob_map)] * 2 if cfg.n_global_blocks else []
     return seq, glob
 
 
@@ -202,7 +257,8 @@ class SlotTable(NamedTuple):
 
 
 class Fold(NamedTuple):
-    """Per-slot rows ``values`` (each ``[B, N, Gs, H]``) to add at the slots' positions."""
+    """Per-slot rows ``values`` (each token-major ``[B, Gs, N * H]``) to add at the slots'
+    positions."""
 
     table: SlotTable
     values: Tuple[Array, ...]
@@ -213,7 +269,7 @@ def _fold_prefetch(fold: Optional[Fold]):
     return [] if fold is None else [fold.table.slot_block.reshape(-1).astype(jnp.int32)]
 
 
-def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, H: int):
+def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, W: int):
     """BlockSpecs and operands of a fold: two slot blocks of positions, then of each value.
 
     Index maps take ``(b, n, r, j, *prefetch)`` with the fold's table last among the prefetch.
@@ -234,8 +290,8 @@ def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, H: int):
     for x in fold.values:
         for t in range(2):
             specs.append(pl.BlockSpec(
-                (None, None, fb, H),
-                lambda b, n, r, j, *pre, t=t: (b, n, blk(b, r, t, pre[-1]), 0)))
+                (None, fb, W),
+                lambda b, n, r, j, *pre, t=t: (b, blk(b, r, t, pre[-1]), n)))
             args.append(x)
     return specs, args
 
@@ -301,49 +357,57 @@ def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: i
 
     @pl.when(j == 0)
     def _init():
-        if cfg.has_sinks:
-            m_ref[...] = jnp.full(m_ref.shape, sinks_ref[n], jnp.float32)
-            l_ref[...] = jnp.ones(l_ref.shape, jnp.float32)
-        else:
-            m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-            l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        for h in range(cfg.heads):
+            if cfg.has_sinks:
+                m_ref[h] = jnp.full(m_ref.shape[1:], sinks_ref[n * cfg.heads + h], jnp.float32)
+                l_ref[h] = jnp.ones(l_ref.shape[1:], jnp.float32)
+            else:
+                m_ref[h] = jnp.full(m_ref.shape[1:], -jnp.inf, jnp.float32)
+                l_ref[h] = jnp.zeros(l_ref.shape[1:], jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(k_ref, v_ref):
-        q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, s.shape, 0)
+        q, k = q_ref[...], k_ref[...]
         kpos, kcode, kblk = _key_info(kinfo_ref, 1)
-        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), s, -jnp.inf)
-        m_prev = m_ref[...][:, :1]
-        l_prev = l_ref[...][:, :1]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        # An empty row so far keeps m = -inf: shift by 0 so exp gives exact zeros.
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_prev - m_safe)
-        p = jnp.exp(s - m_safe)
-        l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
-        acc_ref[...] = alpha * acc_ref[...] + pv
-        m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
-        l_ref[...] = jnp.broadcast_to(l_new, l_ref.shape)
+        v = _zero_rows(v_ref[...], _key_info(kinfo_ref, 0)[1], S.CODE_INVALID, equal=False)
+        acc = acc_ref[...]
+        for h in range(cfg.heads):
+            s = lax.dot_general(_head(cfg, q, h), k, _NT,
+                                preferred_element_type=jnp.float32) * scale
+            qpos, qrand, qcode = _row_info(cfg, qinfo_ref, i, s.shape, 0, h)
+            s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), s, -jnp.inf)
+            m_prev = m_ref[h][:, :1]
+            l_prev = l_ref[h][:, :1]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            # An empty row so far keeps m = -inf: shift by 0 so exp gives exact zeros.
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp(m_prev - m_safe)
+            p = jnp.exp(s - m_safe)
+            l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+            pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+            acc = _put(cfg, acc, alpha * acc + pv, h)
+            m_ref[h] = jnp.broadcast_to(m_new, m_ref.shape[1:])
+            l_ref[h] = jnp.broadcast_to(l_new, l_ref.shape[1:])
+        acc_ref[...] = acc
 
     _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[4:])
 
     @pl.when(j == L - 1)
     def _finish():
-        l = l_ref[...][:, :1]
-        has = l > 0
-        o = acc_ref[...] / jnp.where(has, l, 1.0)
+        o = acc_ref[...]
+        for h in range(cfg.heads):
+            l = l_ref[h][:, :1]
+            has = l > 0
+            o = _put(cfg, o, o / jnp.where(has, l, 1.0), h)
+            # +inf for an empty row: its probabilities exp(s - lse) are 0 in the backward.
+            lse = jnp.where(has, m_ref[h] + jnp.log(jnp.where(has, l_ref[h], 1.0)), jnp.inf)
+            lse_ref[pl.ds(h, 1), :] = jnp.transpose(lse)[:1, :]  # column -> lane-dense row
         if n_fold:  # the global rows' outputs, written over rows that attended nothing here
             o = o + _fold_query_block(cfg, b, i, nq, sblk_ref, n_fold, fold_refs)
         o_ref[...] = o.astype(o_ref.dtype)
-        # +inf for an empty row: its probabilities exp(s - lse) are 0 in the backward.
-        lse = jnp.where(has, m_ref[...] + jnp.log(jnp.where(has, l_ref[...], 1.0)), jnp.inf)
-        lse_ref[...] = jnp.transpose(lse)[:1, :]  # column -> lane-dense row
 
 
-def _common_specs(cfg: Config, qinfo, sinks, q_block_of, spec_batch_head):
+def _common_specs(cfg: Config, qinfo, sinks, q_block_of):
     """BlockSpecs of the optional qinfo and sinks inputs."""
     specs, args = [], []
     if qinfo is not None:
@@ -361,47 +425,52 @@ def _common_specs(cfg: Config, qinfo, sinks, q_block_of, spec_batch_head):
     return specs, args
 
 
+def _groups(cfg: Config, x: Array) -> int:
+    return x.shape[-1] // _width(cfg)
+
+
 def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
              fold: Optional[Fold] = None):
-    """Output ``[B, N, Tq, H]`` and log-sum-exp ``[B, N, 1, Tq]`` of one pass; ``fold``
-    (the global rows' outputs) is added at its rows, which attend nothing here."""
-    B, N, Tq, H = q.shape
-    bq, bk = cfg.bq, cfg.bk
+    """Output ``[B, Tq, N * H]`` and log-sum-exp ``[B, N / heads, heads, Tq]`` of one pass;
+    ``fold`` (the global rows' outputs) is added at its rows, which attend nothing here."""
+    B, Tq, _ = q.shape
+    bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
+    Ng = _groups(cfg, q)
     nq, L = ids.shape[-2], ids.shape[-1]
-    scale = 1.0 / math.sqrt(H)
+    scale = 1.0 / math.sqrt(cfg.head_dim)
     sb = cfg.sched_bn
 
     def kinfo_map(b, n, i, j, ids_ref, *_):
         return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
 
     def qmap(b, n, i, j, *_):
-        return (b, n, i, 0)
+        return (b, i, n)
 
     extra_specs, extra = _common_specs(cfg, qinfo, sinks if cfg.has_sinks else None,
-                                       lambda b, n, i, j, *_: (b, n, i), None)
-    seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
-    fold_specs, fold_args = _fold_specs(fold, nq, H)
-    in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
+                                       lambda b, n, i, j, *_: (b, n, i))
+    seq_specs, glob_specs = _kv_specs(cfg, nq, L)
+    fold_specs, fold_args = _fold_specs(fold, nq, W)
+    in_specs = ([pl.BlockSpec((None, bq, W), qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
-    out_specs = [pl.BlockSpec((None, None, bq, H), qmap),
-                 pl.BlockSpec((None, None, 1, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
+    out_specs = [pl.BlockSpec((None, bq, W), qmap),
+                 pl.BlockSpec((None, None, hb, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4 + (fold is not None), grid=(B, N, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
         out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
-                        pltpu.VMEM((bq, _LANES), jnp.float32),
-                        pltpu.VMEM((bq, H), jnp.float32)])
+        scratch_shapes=[pltpu.VMEM((hb, bq, _LANES), jnp.float32),
+                        pltpu.VMEM((hb, bq, _LANES), jnp.float32),
+                        pltpu.VMEM((bq, W), jnp.float32)])
     kernel = functools.partial(_fwd_kernel, cfg=cfg, nq=nq, L=L, scale=scale,
                                n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
-    cost = pl.CostEstimate(flops=4 * B * N * nq * L * bq * bk * H,
-                           transcendentals=B * N * nq * L * bq * bk,
-                           bytes_accessed=isz * B * N * (2 * Tq * H + 2 * nq * L * bk * H))
+    cost = pl.CostEstimate(flops=4 * B * Ng * hb * nq * L * bq * bk * cfg.head_dim,
+                           transcendentals=B * Ng * hb * nq * L * bq * bk,
+                           bytes_accessed=isz * B * Ng * (2 * Tq * W + 2 * nq * L * bk * W))
     out, lse = pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=[_out((B, N, Tq, H), q.dtype, q), _out((B, N, 1, Tq), jnp.float32, q)],
+        out_shape=[_out(q.shape, q.dtype, q), _out((B, Ng, hb, Tq), jnp.float32, q)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_fwd",
@@ -427,16 +496,23 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(k_ref, v_ref):
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, s.shape, 0)
+        q, do = q_ref[...], do_ref[...]
         kpos, kcode, kblk = _key_info(kinfo_ref, 1)
-        s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), s, -jnp.inf)
-        p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-        ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
-        acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
-                                        preferred_element_type=jnp.float32)
+        kcode_col = _key_info(kinfo_ref, 0)[1]
+        k = _zero_rows(k_ref[...], kcode_col, S.CODE_INVALID, equal=False)
+        v = _zero_rows(v_ref[...], kcode_col, S.CODE_INVALID, equal=False)
+        acc = acc_ref[...]
+        for h in range(cfg.heads):
+            s = lax.dot_general(_head(cfg, q, h), k, _NT,
+                                preferred_element_type=jnp.float32) * scale
+            qpos, qrand, qcode = _row_info(cfg, qinfo_ref, i, s.shape, 0, h)
+            s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), s, -jnp.inf)
+            p = jnp.exp(s - jnp.expand_dims(lse_ref[h], -1))
+            dp = lax.dot_general(_head(cfg, do, h), v, _NT, preferred_element_type=jnp.float32)
+            ds = p * (dp - jnp.expand_dims(di_ref[h], -1))
+            dqh = lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+            acc = _put(cfg, acc, acc + dqh, h)
+        acc_ref[...] = acc
 
     _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[7:])
 
@@ -450,8 +526,9 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
 
 def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do,
                  fold: Optional[Fold] = None):
-    B, N, Tq, H = q.shape
-    bq, bk = cfg.bq, cfg.bk
+    B, Tq, _ = q.shape
+    bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
+    Ng = _groups(cfg, q)
     nq, L = ids.shape[-2], ids.shape[-1]
     sb = cfg.sched_bn
 
@@ -459,31 +536,31 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
         return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
 
     def qmap(b, n, i, j, *_):
-        return (b, n, i, 0)
+        return (b, i, n)
 
     def rowmap(b, n, i, j, *_):
         return (b, n, 0, i)
 
-    extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i), None)
-    seq_specs, glob_specs = _kv_specs(cfg, nq, L, H)
-    fold_specs, fold_args = _fold_specs(fold, nq, H)
-    in_specs = ([pl.BlockSpec((None, None, bq, H), qmap)] + seq_specs
+    extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i))
+    seq_specs, glob_specs = _kv_specs(cfg, nq, L)
+    fold_specs, fold_args = _fold_specs(fold, nq, W)
+    in_specs = ([pl.BlockSpec((None, bq, W), qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map),
-                   pl.BlockSpec((None, None, 1, bq), rowmap),
-                   pl.BlockSpec((None, None, 1, bq), rowmap),
-                   pl.BlockSpec((None, None, bq, H), qmap)] + glob_specs + extra_specs
+                   pl.BlockSpec((None, None, hb, bq), rowmap),
+                   pl.BlockSpec((None, None, hb, bq), rowmap),
+                   pl.BlockSpec((None, bq, W), qmap)] + glob_specs + extra_specs
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4 + (fold is not None), grid=(B, N, nq, L), in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, bq, H), qmap),
-        scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)])
-    kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L, scale=1.0 / math.sqrt(H),
-                               n_fold=_n_fold_blocks(fold))
+        num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bq, W), qmap),
+        scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32)])
+    kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L,
+                               scale=1.0 / math.sqrt(cfg.head_dim), n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
-    cost = pl.CostEstimate(flops=6 * B * N * nq * L * bq * bk * H,
-                           transcendentals=B * N * nq * L * bq * bk,
-                           bytes_accessed=isz * B * N * (3 * Tq * H + 2 * nq * L * bk * H))
+    cost = pl.CostEstimate(flops=6 * B * Ng * hb * nq * L * bq * bk * cfg.head_dim,
+                           transcendentals=B * Ng * hb * nq * L * bq * bk,
+                           bytes_accessed=isz * B * Ng * (3 * Tq * W + 2 * nq * L * bk * W))
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, out_shape=_out(q.shape, q.dtype, q),
         compiler_params=pltpu.CompilerParams(
@@ -514,18 +591,28 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
     @pl.when(j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nkg, kb)])
     def _step():
         i = ids_ref[_flat(cfg.sched_bn, b, n, nkg, kb, Lt, j)]  # the query block
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        st = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale  # [bk, bq]
-        qpos, qrand, qglob = _row_info(cfg, qinfo_ref, i, st.shape, 1)
+        q, k, do = q_ref[...], k_ref[...], do_ref[...]
         kpos, kcode, kblk = _key_info(kinfo_ref, 0)
-        st = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qglob), st, -jnp.inf)
-        pt = jnp.exp(st - lse_ref[...])
-        dv_acc[...] += lax.dot_general(pt.astype(do.dtype), do, _NN,
-                                       preferred_element_type=jnp.float32)
-        dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
-        dst = pt * (dpt - di_ref[...])
-        dk_acc[...] += lax.dot_general(dst.astype(q.dtype), q, _NN,
-                                       preferred_element_type=jnp.float32)
+        v = _zero_rows(v_ref[...], kcode, S.CODE_INVALID, equal=False)
+        if cfg.row_code:  # rows that attend nothing here may hold anything
+            q = _zero_rows(q, _row_info(cfg, qinfo_ref, i, (cfg.bq, 1), 0)[2], 0, equal=True)
+        dk, dv = dk_acc[...], dv_acc[...]
+        for h in range(cfg.heads):
+            st = lax.dot_general(_head(cfg, k, h), q, _NT,
+                                 preferred_element_type=jnp.float32) * scale  # [bk, bq]
+            qpos, qrand, qcode = _row_info(cfg, qinfo_ref, i, st.shape, 1, h)
+            st = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), st, -jnp.inf)
+            pt = jnp.exp(st - lse_ref[pl.ds(h, 1), :])
+            dvh = lax.dot_general(pt.astype(do.dtype), do, _NN,
+                                  preferred_element_type=jnp.float32)
+            dpt = lax.dot_general(_head(cfg, v, h), do, _NT, preferred_element_type=jnp.float32)
+            dst = pt * (dpt - di_ref[pl.ds(h, 1), :])
+            dkh = lax.dot_general(dst.astype(q.dtype), q, _NN,
+                                  preferred_element_type=jnp.float32)
+            dv = _put(cfg, dv, dv + dvh, h)
+            dk = _put(cfg, dk, dk + dkh, h)
+        dk_acc[...] = dk
+        dv_acc[...] = dv
 
     @pl.when(j == Lt - 1)
     def _finish():
@@ -543,8 +630,9 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
                   fold: Optional[Fold] = None):
     """dK, dV of key blocks ``[first, first + nk)`` (``k, v`` hold those blocks only);
     ``fold``: the global slots' gradients, added at their positions."""
-    B, N, Tq, H = q.shape
-    bq, bk = cfg.bq, cfg.bk
+    B = q.shape[0]
+    bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
+    Ng = _groups(cfg, q)
     nkg, Lt = ids.shape[-2], ids.shape[-1]
     sb = cfg.sched_bn
     n_pre = 3 if fold is not None else 2
@@ -553,13 +641,13 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
         return ids_ref[_flat(sb, b, n, nkg, kb, Lt, j)]
 
     def qmap(b, n, kb, j, *pre):
-        return (b, n, qb_of(b, n, kb, j, *pre), 0)
+        return (b, qb_of(b, n, kb, j, *pre), n)
 
     def rowmap(b, n, kb, j, *pre):
         return (b, n, 0, qb_of(b, n, kb, j, *pre))
 
     def kmap(b, n, kb, j, *_):  # k, v hold this group's blocks only
-        return (b, n, kb, 0)
+        return (b, kb, n)
 
     def kinfo_map(b, n, kb, j, *_):
         return (b, 0, kb + first)
@@ -567,30 +655,30 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     def info_q(b, n, kb, j, *pre):
         return (b, n, qb_of(b, n, kb, j, *pre))
 
-    extra_specs, extra = _common_specs(cfg, qinfo, None, info_q, None)
-    in_specs = [pl.BlockSpec((None, None, bq, H), qmap),
-                pl.BlockSpec((None, None, bk, H), kmap),
-                pl.BlockSpec((None, None, bk, H), kmap),
+    extra_specs, extra = _common_specs(cfg, qinfo, None, info_q)
+    in_specs = [pl.BlockSpec((None, bq, W), qmap),
+                pl.BlockSpec((None, bk, W), kmap),
+                pl.BlockSpec((None, bk, W), kmap),
                 pl.BlockSpec((None, 3, bk), kinfo_map),
-                pl.BlockSpec((None, None, 1, bq), rowmap),
-                pl.BlockSpec((None, None, 1, bq), rowmap),
-                pl.BlockSpec((None, None, bq, H), qmap)] + extra_specs
+                pl.BlockSpec((None, None, hb, bq), rowmap),
+                pl.BlockSpec((None, None, hb, bq), rowmap),
+                pl.BlockSpec((None, bq, W), qmap)] + extra_specs
     args = [q, k, v, kinfo, lse, di, do, *extra]
-    fold_specs, fold_args = _fold_specs(fold, nkg, H)
+    fold_specs, fold_args = _fold_specs(fold, nkg, W)
     in_specs += fold_specs
     args += fold_args
-    out_map = lambda b, n, kb, j, *_: (b, n, kb, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=n_pre, grid=(B, N, nkg, Lt), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bk, H), out_map)] * 2,
-        scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)])
-    kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt, scale=1.0 / math.sqrt(H),
+        num_scalar_prefetch=n_pre, grid=(B, Ng, nkg, Lt), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bk, W), kmap)] * 2,
+        scratch_shapes=[pltpu.VMEM((bk, W), jnp.float32), pltpu.VMEM((bk, W), jnp.float32)])
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt,
+                               scale=1.0 / math.sqrt(cfg.head_dim),
                                n_fold_blocks=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
-    cost = pl.CostEstimate(flops=8 * B * N * nkg * Lt * bq * bk * H,
-                           transcendentals=B * N * nkg * Lt * bq * bk,
-                           bytes_accessed=isz * B * N * (4 * nkg * bk * H + 2 * nkg * Lt * bq * H))
-    shape = (B, N, nkg * bk, H)
+    cost = pl.CostEstimate(flops=8 * B * Ng * hb * nkg * Lt * bq * bk * cfg.head_dim,
+                           transcendentals=B * Ng * hb * nkg * Lt * bq * bk,
+                           bytes_accessed=isz * B * Ng * (4 * nkg * bk * W + 2 * nkg * Lt * bq * W))
+    shape = (B, nkg * bk, Ng * W)
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
         out_shape=[_out(shape, k.dtype, k), _out(shape, v.dtype, k)],
@@ -629,21 +717,26 @@ class Slots(NamedTuple):
 
 
 def _gather_slots(x: Array, pos: Array) -> Array:
-    """``x [B, N, S, H]`` rows ``pos [B, L]`` -> ``[B, N, L, H]``."""
-    return jnp.take_along_axis(x, pos[:, None, :, None], axis=2)
+    """``x [B, S, N * H]`` rows ``pos [B, L]`` -> ``[B, L, N * H]``."""
+    return jnp.take_along_axis(x, pos[:, :, None], axis=1)
 
 
-def _delta(do: Array, out: Array) -> Array:
-    """Per-row ``do . out`` as ``[B, N, 1, Tq]`` float32."""
-    return jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
+def _delta(cfg: Config, do: Array, out: Array) -> Array:
+    """Per-row, per-head ``do . out`` as ``[B, N / heads, heads, Tq]`` float32."""
+    B, Tq, NH = do.shape
+    prod = (do.astype(jnp.float32) * out.astype(jnp.float32)).reshape(
+        B, Tq, NH // cfg.head_dim, cfg.head_dim)
+    d = jnp.transpose(jnp.sum(prod, axis=-1), (0, 2, 1))  # [B, N, Tq]
+    return d.reshape(B, -1, cfg.heads, Tq)
 
 
 def _dsinks(cfg: Config, sinks: Array, lse: Array, di: Array) -> Array:
     if not cfg.has_sinks:
         return jnp.zeros_like(sinks)
+    B, _, _, Tq = lse.shape
     # d/d sink of an extra column with value 0: -p_sink * (do . out) per row.
-    p_sink = jnp.exp(sinks[None, :, None] - lse[:, :, 0, :])
-    return -jnp.sum(p_sink * di[:, :, 0, :], axis=(0, 2))
+    p_sink = jnp.exp(sinks[None, :, None] - lse.reshape(B, -1, Tq))
+    return -jnp.sum(p_sink * di.reshape(B, -1, Tq), axis=(0, 2))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -652,24 +745,26 @@ def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
            glob: Optional[Pass], slots: Optional[Slots], gathered) -> Array:
     """Block-sparse attention: the rows pass and, with ``cfg_g``, the global-rows pass.
 
-    Rows pass: ``q [B, N, Tq, H]`` to ``[K_globals ; K]``, ``k, v [B, N, S,
-    H]`` the sequence and, when ``cfg.n_global_blocks``, the global slots
-    gathered from them (``slots.keys``). Global-rows pass (``cfg_g``): the
-    global query rows of ``q`` (``slots.rows``) or ``qkv_g[0]``
-    (``[B, N, Gq, H]``, already gathered: ``global_qkv``), against ``k, v`` or
-    ``qkv_g[1:]``; their outputs are written at their rows of the rows pass's
-    output (rows the row code keeps empty there). ``sinks [N]`` float32
-    (ignored unless ``cfg.has_sinks``). Differentiable in the arrays; the
-    backward folds the slots' dK / dV and the global rows' dQ into the
-    sequence's inside the kernels, and XLA adds the global-rows pass's dK / dV
-    to the rows pass's. Returns ``[B, N, Tq, H]``.
+    Arrays are token-major, heads in the lanes: ``q [B, Tq, N * H]``. Rows
+    pass: ``q`` to ``[K_globals ; K]``, ``k, v [B, S, N * H]`` the sequence
+    and, when ``cfg.n_global_blocks``, the global slots gathered from them
+    (``slots.keys``). Global-rows pass (``cfg_g``): the global query rows of
+    ``q`` (``slots.rows``) or ``qkv_g[0]`` (``[B, Gq, N * H]``, already
+    gathered: ``global_qkv``), against ``k, v`` or ``qkv_g[1:]``; their
+    outputs are written at their rows of the rows pass's output (rows the row
+    code keeps empty there). ``sinks [N]`` float32 (ignored unless
+    ``cfg.has_sinks``). Keys with an invalid code and rows with a nonzero row
+    code may hold anything (NaN, inf): the kernels zero them where a product
+    could reach a real output. Differentiable in the arrays; the backward
+    folds the slots' dK / dV and the global rows' dQ into the sequence's
+    inside the kernels, and XLA adds the global-rows pass's dK / dV to the
+    rows pass's. Returns ``[B, Tq, N * H]``.
 
-    ``gathered = (q rows, k slots, v slots)`` (``[B, N, Gq | ng * bk, H]``,
-    None where unused) must equal the rows of ``q, k, v`` at ``slots.rows.pos``
-    / ``slots.keys.pos``: gathered by the caller from its token-major arrays
-    (a gather here, from heads-first arrays, costs XLA a relayout copy of the
-    whole array). They get no cotangent of their own: the backward attributes
-    their gradients to ``q, k, v`` at those positions.
+    ``gathered = (q rows, k slots, v slots)`` (``[B, Gq | ng * bk, N * H]``,
+    zero at empty slots, None where unused) must equal the rows of ``q, k,
+    v`` at ``slots.rows.pos`` / ``slots.keys.pos``. They get no cotangent of
+    their own: the backward attributes their gradients to ``q, k, v`` at
+    those positions.
     """
     return _attend_fwd(cfg, cfg_g, q, k, v, qkv_g, sinks, rows, glob, slots, gathered)[0]
 
@@ -703,9 +798,9 @@ def _attend_bwd(cfg, cfg_g, res, do):
         (qs, ks, vs), shared = _global_qkv(k, v, qkv_g, gathered)
         # Empty slots' rows are never written, so they get no cotangent (non-causal, they
         # attend every key with the gathered query of position 0).
-        used = (slots.rows.fold_pos >= 0)[:, :, :, None]  # [B, 1, Gq, 1]
+        used = (slots.rows.fold_pos >= 0)[:, 0, :, None]  # [B, Gq, 1]
         do_g = jnp.where(used, _gather_slots(do, slots.rows.pos), jnp.zeros((), do.dtype))
-        di_g = _delta(do_g, out_g)
+        di_g = _delta(cfg_g, do_g, out_g)
         dq_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo, *glob.sched,
                             lse_g, di_g, do_g)
         dk_g, dv_g = _backward_dkv(cfg_g, 0, qs, ks, vs, glob.kinfo, glob.qinfo, *glob.tsched[0],
@@ -717,9 +812,10 @@ def _attend_bwd(cfg, cfg_g, res, do):
         else:
             dqkv_g = (dq_g, dk_g, dv_g)
     kg, vg = gathered[1:] if cfg.n_global_blocks else (None, None)
-    di = _delta(do, out)
-    if cfg.row_code:  # global rows hold the global-rows pass's output: nothing of this pass
-        di = jnp.where(rows.qinfo[:, :, :1, :] != 0, 0.0, di)
+    di = _delta(cfg, do, out)
+    # Rows with a nonzero row code attend nothing here (padding; global rows, which hold
+    # the global-rows pass's output).
+    di = jnp.where(rows.qinfo[:, :1, :1, :] != 0, 0.0, di)
     dq = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, di, do,
                       fold=dq_fold)
     key_fold = None
