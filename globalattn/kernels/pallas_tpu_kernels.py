@@ -486,14 +486,24 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
                scale: float, n_fold: int):
     sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
-    q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref = fixed[:7]
+    q_ref, k_ref, v_ref, kinfo_ref, lse_ref, o_ref, do_ref = fixed[:7]
     fold_refs, rest = rest[:4 if n_fold else 0], rest[4 if n_fold else 0:]
-    dq_ref, acc_ref = rest
+    dq_ref, di_out_ref, acc_ref, di_ref = rest
     b, n, i, j = (pl.program_id(a) for a in range(4))
 
     @pl.when(j == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        # delta = do . out per row and head, here rather than in XLA (which would
+        # materialize the float32 product and a transposed copy of it).
+        prod = do_ref[...].astype(jnp.float32) * o_ref[...].astype(jnp.float32)
+        for h in range(cfg.heads):
+            d = jnp.sum(_head(cfg, prod, h), axis=1, keepdims=True)  # [bq, 1]
+            if cfg.row_code:  # rows that attend nothing here: their output is not this pass's
+                code = _row_info(cfg, qinfo_ref, i, (cfg.bq, 1), 0)[2]
+                d = jnp.where(code != 0, 0.0, d)
+            di_ref[h] = jnp.broadcast_to(d, di_ref.shape[1:])
+            di_out_ref[pl.ds(h, 1), :] = jnp.transpose(di_ref[h])[:1, :]
 
     def step(k_ref, v_ref):
         q, do = q_ref[...], do_ref[...]
@@ -509,7 +519,7 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
             s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), s, -jnp.inf)
             p = jnp.exp(s - jnp.expand_dims(lse_ref[h], -1))
             dp = lax.dot_general(_head(cfg, do, h), v, _NT, preferred_element_type=jnp.float32)
-            ds = p * (dp - jnp.expand_dims(di_ref[h], -1))
+            ds = p * (dp - di_ref[h][:, :1])
             dqh = lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
             acc = _put(cfg, acc, acc + dqh, h)
         acc_ref[...] = acc
@@ -524,8 +534,10 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
         dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do,
+def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out, do,
                  fold: Optional[Fold] = None):
+    """dQ ``[B, Tq, N * H]`` of one pass and its rows' ``do . out`` (``[B, N / heads,
+    heads, Tq]``, zero at rows with a nonzero row code), which the dK / dV kernels use."""
     B, Tq, _ = q.shape
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
@@ -547,26 +559,29 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
     in_specs = ([pl.BlockSpec((None, bq, W), qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map),
                    pl.BlockSpec((None, None, hb, bq), rowmap),
-                   pl.BlockSpec((None, None, hb, bq), rowmap),
+                   pl.BlockSpec((None, bq, W), qmap),
                    pl.BlockSpec((None, bq, W), qmap)] + glob_specs + extra_specs
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bq, W), qmap),
-        scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32)])
+        out_specs=[pl.BlockSpec((None, bq, W), qmap),
+                   pl.BlockSpec((None, None, hb, bq), rowmap)],
+        scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32),
+                        pltpu.VMEM((hb, bq, _LANES), jnp.float32)])
     kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L,
                                scale=1.0 / math.sqrt(cfg.head_dim), n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=6 * B * Ng * hb * nq * L * bq * bk * cfg.head_dim,
                            transcendentals=B * Ng * hb * nq * L * bq * bk,
-                           bytes_accessed=isz * B * Ng * (3 * Tq * W + 2 * nq * L * bk * W))
+                           bytes_accessed=isz * B * Ng * (4 * Tq * W + 2 * nq * L * bk * W))
     return pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=_out(q.shape, q.dtype, q),
+        kernel, grid_spec=grid_spec,
+        out_shape=[_out(q.shape, q.dtype, q), _out(lse.shape, jnp.float32, q)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dq",
-    )(*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold), q, k, v, kinfo, lse, di, do,
+    )(*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold), q, k, v, kinfo, lse, out, do,
       *glob_args, *extra, *fold_args)
 
 
@@ -721,15 +736,6 @@ def _gather_slots(x: Array, pos: Array) -> Array:
     return jnp.take_along_axis(x, pos[:, :, None], axis=1)
 
 
-def _delta(cfg: Config, do: Array, out: Array) -> Array:
-    """Per-row, per-head ``do . out`` as ``[B, N / heads, heads, Tq]`` float32."""
-    B, Tq, NH = do.shape
-    prod = (do.astype(jnp.float32) * out.astype(jnp.float32)).reshape(
-        B, Tq, NH // cfg.head_dim, cfg.head_dim)
-    d = jnp.transpose(jnp.sum(prod, axis=-1), (0, 2, 1))  # [B, N, Tq]
-    return d.reshape(B, -1, cfg.heads, Tq)
-
-
 def _dsinks(cfg: Config, sinks: Array, lse: Array, di: Array) -> Array:
     if not cfg.has_sinks:
         return jnp.zeros_like(sinks)
@@ -800,9 +806,8 @@ def _attend_bwd(cfg, cfg_g, res, do):
         # attend every key with the gathered query of position 0).
         used = (slots.rows.fold_pos >= 0)[:, 0, :, None]  # [B, Gq, 1]
         do_g = jnp.where(used, _gather_slots(do, slots.rows.pos), jnp.zeros((), do.dtype))
-        di_g = _delta(cfg_g, do_g, out_g)
-        dq_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo, *glob.sched,
-                            lse_g, di_g, do_g)
+        dq_g, di_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo,
+                                  *glob.sched, lse_g, out_g, do_g)
         dk_g, dv_g = _backward_dkv(cfg_g, 0, qs, ks, vs, glob.kinfo, glob.qinfo, *glob.tsched[0],
                                    lse_g, di_g, do_g)
         dsinks = dsinks + _dsinks(cfg_g, sinks, lse_g, di_g)
@@ -812,12 +817,8 @@ def _attend_bwd(cfg, cfg_g, res, do):
         else:
             dqkv_g = (dq_g, dk_g, dv_g)
     kg, vg = gathered[1:] if cfg.n_global_blocks else (None, None)
-    di = _delta(cfg, do, out)
-    # Rows with a nonzero row code attend nothing here (padding; global rows, which hold
-    # the global-rows pass's output).
-    di = jnp.where(rows.qinfo[:, :1, :1, :] != 0, 0.0, di)
-    dq = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, di, do,
-                      fold=dq_fold)
+    dq, di = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, out,
+                          do, fold=dq_fold)
     key_fold = None
     if cfg.n_global_blocks:
         dkv_slots = _backward_dkv(cfg, 0, q, kg, vg, rows.kinfo, rows.qinfo, *rows.tsched[0],
