@@ -221,6 +221,26 @@ def test_non_causal_folds_over_several_slot_blocks_f32_with_nan_in_padding():
                            sinks=True, bq=8, bk=8), poison=True)
 
 
+def test_token_major_head_groups_every_feature_f32_with_nan_in_padding():
+    # Head dim 4 (not a multiple of the interpret-mode lane unit 8) takes the token-major
+    # layout: 4 heads in groups of 2 per block (each head's scores through lane masks),
+    # per-head random blocks merged into one schedule per group; NaN in padding.
+    c = _fixed_case(5, T=37, window=(5, 3), causal=True, random=True, gqkv=True, sinks=True,
+                    bq=8, bk=16, N=4, H=4)
+    from globalattn.kernels import pallas_tpu_kernels as K
+    assert K.heads_per_block(c.N, c.H, 8) == 2
+    _check_f32(c, poison=True)
+
+
+def test_heads_per_block_fills_lane_tiles_or_takes_every_head():
+    from globalattn.kernels.pallas_tpu_kernels import heads_per_block
+    assert heads_per_block(12, 64, 128) == 2
+    assert heads_per_block(12, 32, 128) == 4
+    assert heads_per_block(3, 64, 128) == 3  # 2 does not divide 3: the whole row
+    assert heads_per_block(4, 96, 128) == 4
+    assert heads_per_block(8, 256, 128) == 1
+
+
 @pytest.mark.slow
 def test_window_globals_padding_causal_sinks_f32_with_nan_in_padding():
     _check_f32(_fixed_case(0, T=37, window=(5, 3), causal=True, random=False, gqkv=False,

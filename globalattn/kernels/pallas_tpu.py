@@ -97,16 +97,20 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
 # of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
 def _take_rows(x: Array, idx: Array, valid: Optional[Array] = None) -> Array:
-    """``x[b, idx[b, l]]`` of ``x [B, T, W]``, ``idx [B, L]``; zero where ``valid`` is False."""
-    rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
-    if valid is None:
-        return rows
-    return jnp.where(valid[:, :, None], rows, jnp.zeros((), x.dtype))
+    """``x[b, idx[b, l]]`` of ``x [B, T, W]`` (or ``x[b, :, idx[b, l]]`` of ``x [B, N, T,
+    H]``), ``idx [B, L]``; zero where ``valid`` is False."""
+    if x.ndim == 4:
+        rows = jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
+        keep = None if valid is None else valid[:, None, :, None]
+    else:
+        rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+        keep = None if valid is None else valid[:, :, None]
+    return rows if keep is None else jnp.where(keep, rows, jnp.zeros((), x.dtype))
 
 
 @jax.custom_vjp
 def _gather_rows(x: Array, pos: Array, valid: Array, slot: Array) -> Array:
-    """``x[b, pos[b, g]]`` of ``x [B, T, W]``, zero where ``valid [B, G]`` is False;
+    """``x[b, pos[b, g]]`` (:func:`_take_rows`), zero where ``valid [B, G]`` is False;
     ``slot [B, T]`` = the slot of each position or -1.
 
     Only slots named by ``slot`` receive gradient (an empty slot's row is a
@@ -201,19 +205,27 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     Tp = S.cdiv(T, math.lcm(bq, bk)) * math.lcm(bq, bk)
     nq, nks = Tp // bq, Tp // bk
     left, right, causal = args.left, args.right, args.is_causal
-    # Heads per block: lane-dense blocks on TPU; in interpret mode an 8-lane unit, so
-    # that small test heads also share blocks.
-    hb = heads_per_block(N, H, _TPU_BLOCK if strict else 8)
+    # Layout: a head dim that fills whole lane tiles (128 on TPU) is read heads-first,
+    # [B, N, T, H], the layout XLA:TPU gives such arrays itself; a smaller one token-
+    # major, [B, T, N * H], with heads_per_block heads side by side in a lane-dense
+    # block (their own layout; heads-first would pad every row to 128 lanes). In
+    # interpret mode the lane unit is 8, so small test heads take both routes.
+    lanes = _TPU_BLOCK if strict else 8
+    heads_first = H % lanes == 0
+    hb = 1 if heads_first else heads_per_block(N, H, lanes)
     Ng = N // hb
 
     pad = args.padding_mask
     pad_p = jnp.pad(pad, ((0, 0), (0, Tp - T)))
 
-    def token_major(x):  # [B, T, N, H] -> [B, Tp, N * H]: the same memory, no copy
+    def kernel_layout(x):  # [B, T, N, H] -> [B, N, Tp, H] or [B, Tp, N * H]
+        if heads_first:
+            x = jnp.transpose(x, (0, 2, 1, 3))
+            return x if Tp == T else jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
         x = x.reshape(B, T, N * H)
         return x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0)))
 
-    qt, kt, vt = token_major(q), token_major(k), token_major(v)
+    qt, kt, vt = kernel_layout(q), kernel_layout(k), kernel_layout(v)
     has_sinks = args.sinks is not None
     sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
     glob, G = args.global_mask, args.max_globals
@@ -310,10 +322,13 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                  n_rand=n_rand, row_code=True, sched_bn=sched_bn,
                  info_bn=tuple(qinfo.shape[:2]), info_heads=info_heads,
                  has_sinks=has_sinks, n_global_blocks=ng, heads=hb, head_dim=H,
+                 heads_first=heads_first,
                  interpret=interpret)
     rows = Pass(kinfo, qinfo, sched, tuple(tsched))
 
-    def result(out):  # [B, Tp, N * H] -> [B, T, N, H]
+    def result(out):  # -> [B, T, N, H]
+        if heads_first:
+            return jnp.transpose(out[:, :, :T], (0, 2, 1, 3))
         return out[:, :T].reshape(B, T, N, H)
 
     if not has_g:
@@ -329,8 +344,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     row_slots = slot_table(gpos_q, gvalid_q, bq, bqg)
     qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
     if args.global_qkv is not None:
-        qg_src, kg_src, vg_src = (token_major(x) for x in args.global_qkv)
-        qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p), kg_src, vg_src)  # [B, Gq, NH]
+        qg_src, kg_src, vg_src = (kernel_layout(x) for x in args.global_qkv)
+        qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p), kg_src, vg_src)
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
@@ -341,6 +356,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
                    n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1), info_heads=1,
                    has_sinks=has_sinks, n_global_blocks=0, heads=hb, head_dim=H,
+                   heads_first=heads_first,
                    interpret=interpret)
     glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
                      (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))

@@ -67,6 +67,7 @@ class Config(NamedTuple):
     n_global_blocks: int  # key blocks [0, ng) are the global slots (inputs kg, vg), the rest K
     heads: int  # heads per block: a block is [rows, heads * head_dim] of the token-major array
     head_dim: int
+    heads_first: bool  # arrays are [B, N, T, H] (then heads == 1), else token-major [B, T, N * H]
     interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
 
 
@@ -198,6 +199,25 @@ def _width(cfg: Config) -> int:
     return cfg.heads * cfg.head_dim
 
 
+def _spec(cfg: Config, rows: int, index) -> pl.BlockSpec:
+    """The BlockSpec of ``rows`` rows of one head group; ``index(*grid, *prefetch)``
+    returns ``(example, row block, head group)``."""
+    if cfg.heads_first:
+        def heads_index(*a):
+            b, r, n = index(*a)
+            return (b, n, r, 0)
+        return pl.BlockSpec((None, None, rows, cfg.head_dim), heads_index)
+    return pl.BlockSpec((None, rows, _width(cfg)), index)
+
+
+def _groups(cfg: Config, x: Array) -> int:
+    return x.shape[1] if cfg.heads_first else x.shape[-1] // _width(cfg)
+
+
+def _length(cfg: Config, x: Array) -> int:
+    return x.shape[2] if cfg.heads_first else x.shape[1]
+
+
 def _kv_specs(cfg: Config, nq: int, L: int):
     """BlockSpecs of (K, V) and, with globals, (K_glob, V_glob) along the forward lists.
 
@@ -206,7 +226,7 @@ def _kv_specs(cfg: Config, nq: int, L: int):
     entries replaced by the last global block), so neither refetches a block
     while the other one is in use.
     """
-    sb, bk, W = cfg.sched_bn, cfg.bk, _width(cfg)
+    sb, bk = cfg.sched_bn, cfg.bk
 
     def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
         return (b, kseq_ref[_flat(sb, b, n, nq, i, L, j)], n)
@@ -214,8 +234,8 @@ def _kv_specs(cfg: Config, nq: int, L: int):
     def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
         return (b, kglob_ref[_flat(sb, b, n, nq, i, L, j)], n)
 
-    seq = [pl.BlockSpec((None, bk, W), seq_map)] * 2
-    glob = [pl.BlockSpec((None, bk, W), glob_map)] * 2 if cfg.n_global_blocks else []
+    seq = [_spec(cfg, bk, seq_map)] * 2
+    glob = [_spec(cfg, bk, glob_map)] * 2 if cfg.n_global_blocks else []
     return seq, glob
 
 
@@ -269,7 +289,7 @@ def _fold_prefetch(fold: Optional[Fold]):
     return [] if fold is None else [fold.table.slot_block.reshape(-1).astype(jnp.int32)]
 
 
-def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, W: int):
+def _fold_specs(cfg: Config, fold: Optional[Fold], n_seq_blocks: int):
     """BlockSpecs and operands of a fold: two slot blocks of positions, then of each value.
 
     Index maps take ``(b, n, r, j, *prefetch)`` with the fold's table last among the prefetch.
@@ -289,9 +309,8 @@ def _fold_specs(fold: Optional[Fold], n_seq_blocks: int, W: int):
         args.append(fold.table.fold_pos)
     for x in fold.values:
         for t in range(2):
-            specs.append(pl.BlockSpec(
-                (None, fb, W),
-                lambda b, n, r, j, *pre, t=t: (b, blk(b, r, t, pre[-1]), n)))
+            specs.append(_spec(
+                cfg, fb, lambda b, n, r, j, *pre, t=t: (b, blk(b, r, t, pre[-1]), n)))
             args.append(x)
     return specs, args
 
@@ -425,15 +444,11 @@ def _common_specs(cfg: Config, qinfo, sinks, q_block_of):
     return specs, args
 
 
-def _groups(cfg: Config, x: Array) -> int:
-    return x.shape[-1] // _width(cfg)
-
-
 def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
              fold: Optional[Fold] = None):
     """Output ``[B, Tq, N * H]`` and log-sum-exp ``[B, N / heads, heads, Tq]`` of one pass;
     ``fold`` (the global rows' outputs) is added at its rows, which attend nothing here."""
-    B, Tq, _ = q.shape
+    B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
     nq, L = ids.shape[-2], ids.shape[-1]
@@ -449,12 +464,12 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
     extra_specs, extra = _common_specs(cfg, qinfo, sinks if cfg.has_sinks else None,
                                        lambda b, n, i, j, *_: (b, n, i))
     seq_specs, glob_specs = _kv_specs(cfg, nq, L)
-    fold_specs, fold_args = _fold_specs(fold, nq, W)
-    in_specs = ([pl.BlockSpec((None, bq, W), qmap)] + seq_specs
+    fold_specs, fold_args = _fold_specs(cfg, fold, nq)
+    in_specs = ([_spec(cfg, bq, qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
-    out_specs = [pl.BlockSpec((None, bq, W), qmap),
+    out_specs = [_spec(cfg, bq, qmap),
                  pl.BlockSpec((None, None, hb, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
@@ -538,7 +553,7 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out,
                  fold: Optional[Fold] = None):
     """dQ ``[B, Tq, N * H]`` of one pass and its rows' ``do . out`` (``[B, N / heads,
     heads, Tq]``, zero at rows with a nonzero row code), which the dK / dV kernels use."""
-    B, Tq, _ = q.shape
+    B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
     nq, L = ids.shape[-2], ids.shape[-1]
@@ -555,17 +570,17 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out,
 
     extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i))
     seq_specs, glob_specs = _kv_specs(cfg, nq, L)
-    fold_specs, fold_args = _fold_specs(fold, nq, W)
-    in_specs = ([pl.BlockSpec((None, bq, W), qmap)] + seq_specs
+    fold_specs, fold_args = _fold_specs(cfg, fold, nq)
+    in_specs = ([_spec(cfg, bq, qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map),
                    pl.BlockSpec((None, None, hb, bq), rowmap),
-                   pl.BlockSpec((None, bq, W), qmap),
-                   pl.BlockSpec((None, bq, W), qmap)] + glob_specs + extra_specs
+                   _spec(cfg, bq, qmap),
+                   _spec(cfg, bq, qmap)] + glob_specs + extra_specs
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, W), qmap),
+        out_specs=[_spec(cfg, bq, qmap),
                    pl.BlockSpec((None, None, hb, bq), rowmap)],
         scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32)])
@@ -588,13 +603,15 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out,
 # ---------------------------------------------------------------------------
 # Backward: dk, dv along the transposed schedule, one call per key group.
 # ---------------------------------------------------------------------------
-def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_blocks: int):
+def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_blocks: int,
+                add: bool):
     n_prefetch = 3 if n_fold_blocks else 2
     ids_ref, cnt_ref = refs[:2]
     sblk_ref = refs[2] if n_fold_blocks else None
     (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
         cfg, refs[n_prefetch:], 7)
     fold_refs, rest = rest[:6 if n_fold_blocks else 0], rest[6 if n_fold_blocks else 0:]
+    add_refs, rest = rest[:2 if add else 0], rest[2 if add else 0:]
     dk_ref, dv_ref, dk_acc, dv_acc = rest
     b, n, kb, j = (pl.program_id(a) for a in range(4))
 
@@ -637,14 +654,19 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
             kpos = jnp.expand_dims(kinfo_ref[0], -1)  # [bk, 1]
             add_k, add_v = _fold_rows(kpos, sblk_ref[b * nkg + kb], n_fold_blocks, fold_refs, 2)
             dk, dv = dk + add_k, dv + add_v
+        if add:  # another pass's dK / dV of these keys (the same buffers as the outputs)
+            dk = dk + add_refs[0][...].astype(jnp.float32)
+            dv = dv + add_refs[1][...].astype(jnp.float32)
         dk_ref[...] = dk.astype(dk_ref.dtype)
         dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse, di, do,
-                  fold: Optional[Fold] = None):
+                  fold: Optional[Fold] = None, add: Optional[Tuple[Array, Array]] = None):
     """dK, dV of key blocks ``[first, first + nk)`` (``k, v`` hold those blocks only);
-    ``fold``: the global slots' gradients, added at their positions."""
+    ``fold``: the global slots' gradients, added at their positions; ``add``: dK, dV
+    of the same keys from another pass, accumulated in place (their buffers become
+    the outputs)."""
     B = q.shape[0]
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
@@ -671,35 +693,40 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
         return (b, n, qb_of(b, n, kb, j, *pre))
 
     extra_specs, extra = _common_specs(cfg, qinfo, None, info_q)
-    in_specs = [pl.BlockSpec((None, bq, W), qmap),
-                pl.BlockSpec((None, bk, W), kmap),
-                pl.BlockSpec((None, bk, W), kmap),
+    in_specs = [_spec(cfg, bq, qmap),
+                _spec(cfg, bk, kmap),
+                _spec(cfg, bk, kmap),
                 pl.BlockSpec((None, 3, bk), kinfo_map),
                 pl.BlockSpec((None, None, hb, bq), rowmap),
                 pl.BlockSpec((None, None, hb, bq), rowmap),
-                pl.BlockSpec((None, bq, W), qmap)] + extra_specs
+                _spec(cfg, bq, qmap)] + extra_specs
     args = [q, k, v, kinfo, lse, di, do, *extra]
-    fold_specs, fold_args = _fold_specs(fold, nkg, W)
+    fold_specs, fold_args = _fold_specs(cfg, fold, nkg)
     in_specs += fold_specs
     args += fold_args
+    aliases = {}
+    if add is not None:
+        aliases = {n_pre + len(args): 0, n_pre + len(args) + 1: 1}
+        in_specs += [_spec(cfg, bk, kmap)] * 2
+        args += list(add)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=n_pre, grid=(B, Ng, nkg, Lt), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bk, W), kmap)] * 2,
+        out_specs=[_spec(cfg, bk, kmap)] * 2,
         scratch_shapes=[pltpu.VMEM((bk, W), jnp.float32), pltpu.VMEM((bk, W), jnp.float32)])
     kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt,
                                scale=1.0 / math.sqrt(cfg.head_dim),
-                               n_fold_blocks=_n_fold_blocks(fold))
+                               n_fold_blocks=_n_fold_blocks(fold), add=add is not None)
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=8 * B * Ng * hb * nkg * Lt * bq * bk * cfg.head_dim,
                            transcendentals=B * Ng * hb * nkg * Lt * bq * bk,
                            bytes_accessed=isz * B * Ng * (4 * nkg * bk * W + 2 * nkg * Lt * bq * W))
-    shape = (B, nkg * bk, Ng * W)
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=[_out(shape, k.dtype, k), _out(shape, v.dtype, k)],
+        out_shape=[_out(k.shape, k.dtype, k), _out(v.shape, v.dtype, k)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
+        input_output_aliases=aliases,
     )(ids.reshape(-1), cnt.reshape(-1), *_fold_prefetch(fold), *args)
 
 
@@ -731,8 +758,10 @@ class Slots(NamedTuple):
     rows: SlotTable
 
 
-def _gather_slots(x: Array, pos: Array) -> Array:
-    """``x [B, S, N * H]`` rows ``pos [B, L]`` -> ``[B, L, N * H]``."""
+def _gather_slots(cfg: Config, x: Array, pos: Array) -> Array:
+    """Rows ``pos [B, L]`` of ``x`` along its sequence axis."""
+    if cfg.heads_first:
+        return jnp.take_along_axis(x, pos[:, None, :, None], axis=2)
     return jnp.take_along_axis(x, pos[:, :, None], axis=1)
 
 
@@ -763,8 +792,8 @@ def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
     code may hold anything (NaN, inf): the kernels zero them where a product
     could reach a real output. Differentiable in the arrays; the backward
     folds the slots' dK / dV and the global rows' dQ into the sequence's
-    inside the kernels, and XLA adds the global-rows pass's dK / dV to the
-    rows pass's. Returns ``[B, Tq, N * H]``.
+    inside the kernels, and the rows pass's dK / dV kernel adds the global-rows
+    pass's in place. Returns ``[B, Tq, N * H]``.
 
     ``gathered = (q rows, k slots, v slots)`` (``[B, Gq | ng * bk, N * H]``,
     zero at empty slots, None where unused) must equal the rows of ``q, k,
@@ -805,7 +834,9 @@ def _attend_bwd(cfg, cfg_g, res, do):
         # Empty slots' rows are never written, so they get no cotangent (non-causal, they
         # attend every key with the gathered query of position 0).
         used = (slots.rows.fold_pos >= 0)[:, 0, :, None]  # [B, Gq, 1]
-        do_g = jnp.where(used, _gather_slots(do, slots.rows.pos), jnp.zeros((), do.dtype))
+        if cfg.heads_first:
+            used = used[:, None]
+        do_g = jnp.where(used, _gather_slots(cfg, do, slots.rows.pos), jnp.zeros((), do.dtype))
         dq_g, di_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo,
                                   *glob.sched, lse_g, out_g, do_g)
         dk_g, dv_g = _backward_dkv(cfg_g, 0, qs, ks, vs, glob.kinfo, glob.qinfo, *glob.tsched[0],
@@ -824,11 +855,10 @@ def _attend_bwd(cfg, cfg_g, res, do):
         dkv_slots = _backward_dkv(cfg, 0, q, kg, vg, rows.kinfo, rows.qinfo, *rows.tsched[0],
                                   lse, di, do)
         key_fold = Fold(slots.keys, tuple(dkv_slots), cfg.bk)
-    dk_r, dv_r = _backward_dkv(cfg, cfg.n_global_blocks, q, k, v, rows.kinfo, rows.qinfo,
-                               *rows.tsched[-1], lse, di, do, fold=key_fold)
-    # Summed by XLA (fused into the layout change that follows): in-place accumulation
-    # in the kernel (input_output_aliases) compiled to more temporaries on TPU.
-    dk, dv = (dk_r, dv_r) if dk is None else (dk + dk_r, dv + dv_r)
+    # The global-rows pass's dK / dV (when it shares K / V) are accumulated in place.
+    dk, dv = _backward_dkv(cfg, cfg.n_global_blocks, q, k, v, rows.kinfo, rows.qinfo,
+                           *rows.tsched[-1], lse, di, do, fold=key_fold,
+                           add=None if dk is None else (dk, dv))
     dsinks = dsinks + _dsinks(cfg, sinks, lse, di)
     # Inside shard_map, sinks replicated over axes that the rows vary over get
     # the sum of every shard's gradient (the transpose of that broadcast).
