@@ -18,8 +18,16 @@ Two passes of one block-sparse flash-attention primitive with its own VJP
    no full-length copy is made to overwrite them.
 
 Gradients meet the same way: the slots' dK / dV and the global rows' dQ are
-folded into the sequence's dK / dV and dQ inside the kernels; the two passes'
-dK / dV are summed by XLA, fused into the layout change that follows.
+folded into the sequence's dK / dV and dQ inside the kernels, and the rows
+pass's dK / dV kernel adds the global-rows pass's in place.
+
+Layout: a head dim that fills whole 128-lane tiles is read heads-first
+``[B, N, T, H]`` (XLA:TPU lays such ``[B, T, N, H]`` arrays out that way
+itself); a smaller one token-major ``[B, T, N * H]`` with two or more heads
+side by side in one lane-dense block (heads-first would pad each row of 64 to
+128 lanes). Padding and empty slots are zeroed inside the kernels, and the
+backward's per-row ``do . out`` is computed by the dq kernel, so no
+full-length copy of an input is made around them.
 
 Softmax is online in float32 with a custom VJP whose backward kernels recompute
 probabilities from the per-row log-sum-exp: nothing of size T x window lives in

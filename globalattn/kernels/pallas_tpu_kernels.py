@@ -14,11 +14,12 @@ dV) are folded into a block of the sequence inside the kernels: a one-hot
 ``[block, slots]`` matmul over the two slot blocks that can hold the block's
 slots (:func:`_fold_rows`), scalar-prefetched per block.
 
-Layout is token-major ``[B, T, N * H]``, as the caller's ``[B, T, N, H]``
-arrays lie in memory: no layout change around the kernels. A block is ``bq``
-rows of ``heads`` heads (:func:`heads_per_block`: lane-dense, 128 lanes on
-TPU, e.g. two heads of 64); each head's scores are a matmul of the block with
-the other heads' lanes zeroed. Softmax is online in float32 with the row max
+Layout (``Config.heads_first``): heads-first ``[B, N, T, H]`` blocks of one
+head, or token-major ``[B, T, N * H]`` (a free reshape of the caller's
+``[B, T, N, H]``) with a block of ``bq`` rows holding ``heads`` heads
+(:func:`heads_per_block`: lane-dense, 128 lanes on TPU, e.g. two heads of 64);
+each head's scores are a matmul of the block with the other heads' lanes
+zeroed. Softmax is online in float32 with the row max
 and denominator of each head in VMEM scratch; the only per-row residual
 written to HBM is the log-sum-exp ``[B, N / heads, heads, Tq]``. Head groups
 share one block schedule (the union of their heads' needs). Sinks start the running softmax at
@@ -446,7 +447,7 @@ def _common_specs(cfg: Config, qinfo, sinks, q_block_of):
 
 def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
              fold: Optional[Fold] = None):
-    """Output ``[B, Tq, N * H]`` and log-sum-exp ``[B, N / heads, heads, Tq]`` of one pass;
+    """Output (``q``'s layout) and log-sum-exp ``[B, N / heads, heads, Tq]`` of one pass;
     ``fold`` (the global rows' outputs) is added at its rows, which attend nothing here."""
     B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
@@ -551,7 +552,7 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
 
 def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out, do,
                  fold: Optional[Fold] = None):
-    """dQ ``[B, Tq, N * H]`` of one pass and its rows' ``do . out`` (``[B, N / heads,
+    """dQ (``q``'s layout) of one pass and its rows' ``do . out`` (``[B, N / heads,
     heads, Tq]``, zero at rows with a nonzero row code), which the dK / dV kernels use."""
     B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
@@ -780,8 +781,9 @@ def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
            glob: Optional[Pass], slots: Optional[Slots], gathered) -> Array:
     """Block-sparse attention: the rows pass and, with ``cfg_g``, the global-rows pass.
 
-    Arrays are token-major, heads in the lanes: ``q [B, Tq, N * H]``. Rows
-    pass: ``q`` to ``[K_globals ; K]``, ``k, v [B, S, N * H]`` the sequence
+    Arrays are token-major ``q [B, Tq, N * H]`` or, with ``cfg.heads_first``,
+    ``[B, N, Tq, H]`` (shapes below token-major). Rows pass: ``q`` to
+    ``[K_globals ; K]``, ``k, v [B, S, N * H]`` the sequence
     and, when ``cfg.n_global_blocks``, the global slots gathered from them
     (``slots.keys``). Global-rows pass (``cfg_g``): the global query rows of
     ``q`` (``slots.rows``) or ``qkv_g[0]`` (``[B, Gq, N * H]``, already
