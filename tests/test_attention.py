@@ -492,7 +492,8 @@ def test_nan_value_reaches_only_the_rows_that_attend_it():
 
 def _non_finite_cases():
     """Every (implementation, causal, where); the default suite keeps a covering few for 'xla'."""
-    default = {("xla", False, "v"), ("xla", False, "kg"), ("xla", True, "k")}
+    default = {("xla", False, "v"), ("xla", False, "kg"), ("xla", True, "k"),
+               ("pallas_tpu", False, "k")}  # token-major head groups: a NaN key of one head
     for impl in ("xla", "pallas_gpu", "pallas_tpu"):
         for causal in (False, True):
             for where in ("k", "v", "q", "kg", "vg"):

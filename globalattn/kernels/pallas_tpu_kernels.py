@@ -161,8 +161,9 @@ def _lanes_of(cfg: Config, shape, h: int) -> Array:
 
 
 def _head(cfg: Config, x: Array, h: int) -> Array:
-    """``x [R, heads * H]`` with every lane but head ``h``'s zeroed: its products with a
-    full-width block are head ``h``'s alone (the other heads' lanes add exact zeros)."""
+    """``x [R, heads * H]`` with every lane but head ``h``'s zeroed. A contraction over
+    the lanes of two such blocks is head ``h``'s alone: both operands are masked, as
+    another head's NaN or inf times a zero would still be NaN."""
     if cfg.heads == 1:
         return x
     return jnp.where(_lanes_of(cfg, x.shape, h), x, jnp.zeros((), x.dtype))
@@ -392,7 +393,7 @@ def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: i
         v = _zero_rows(v_ref[...], _key_info(kinfo_ref, 0)[1], S.CODE_INVALID, equal=False)
         acc = acc_ref[...]
         for h in range(cfg.heads):
-            s = lax.dot_general(_head(cfg, q, h), k, _NT,
+            s = lax.dot_general(_head(cfg, q, h), _head(cfg, k, h), _NT,
                                 preferred_element_type=jnp.float32) * scale
             qpos, qrand, qcode = _row_info(cfg, qinfo_ref, i, s.shape, 0, h)
             s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), s, -jnp.inf)
@@ -529,12 +530,13 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
         v = _zero_rows(v_ref[...], kcode_col, S.CODE_INVALID, equal=False)
         acc = acc_ref[...]
         for h in range(cfg.heads):
-            s = lax.dot_general(_head(cfg, q, h), k, _NT,
+            s = lax.dot_general(_head(cfg, q, h), _head(cfg, k, h), _NT,
                                 preferred_element_type=jnp.float32) * scale
             qpos, qrand, qcode = _row_info(cfg, qinfo_ref, i, s.shape, 0, h)
             s = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), s, -jnp.inf)
             p = jnp.exp(s - jnp.expand_dims(lse_ref[h], -1))
-            dp = lax.dot_general(_head(cfg, do, h), v, _NT, preferred_element_type=jnp.float32)
+            dp = lax.dot_general(_head(cfg, do, h), _head(cfg, v, h), _NT,
+                                 preferred_element_type=jnp.float32)
             ds = p * (dp - di_ref[h][:, :1])
             dqh = lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
             acc = _put(cfg, acc, acc + dqh, h)
@@ -631,14 +633,15 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
             q = _zero_rows(q, _row_info(cfg, qinfo_ref, i, (cfg.bq, 1), 0)[2], 0, equal=True)
         dk, dv = dk_acc[...], dv_acc[...]
         for h in range(cfg.heads):
-            st = lax.dot_general(_head(cfg, k, h), q, _NT,
+            st = lax.dot_general(_head(cfg, k, h), _head(cfg, q, h), _NT,
                                  preferred_element_type=jnp.float32) * scale  # [bk, bq]
             qpos, qrand, qcode = _row_info(cfg, qinfo_ref, i, st.shape, 1, h)
             st = jnp.where(_allowed(cfg, qpos, kpos, kcode, kblk, qrand, qcode), st, -jnp.inf)
             pt = jnp.exp(st - lse_ref[pl.ds(h, 1), :])
             dvh = lax.dot_general(pt.astype(do.dtype), do, _NN,
                                   preferred_element_type=jnp.float32)
-            dpt = lax.dot_general(_head(cfg, v, h), do, _NT, preferred_element_type=jnp.float32)
+            dpt = lax.dot_general(_head(cfg, v, h), _head(cfg, do, h), _NT,
+                                  preferred_element_type=jnp.float32)
             dst = pt * (dpt - di_ref[pl.ds(h, 1), :])
             dkh = lax.dot_general(dst.astype(q.dtype), q, _NN,
                                   preferred_element_type=jnp.float32)
