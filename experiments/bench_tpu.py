@@ -66,7 +66,8 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     rows = dict(fwd=0.0, bwd=0.0)
     visits = band.sum() + nq * ng  # every query block visits every global block
     rows["fwd"] = 2 * Tp * H * itemsize + 4 * Tp + visits * (kv + info)
-    dq = 3 * Tp * H * itemsize + 8 * Tp + visits * (kv + info)
+    # dq reads q, do and out (its do . out) and writes dq; lse in, do . out out.
+    dq = 4 * Tp * H * itemsize + 8 * Tp + visits * (kv + info)
     t_visits = band.sum() + ng * nq  # transposed: the same pairs
     dkv = 4 * (nk + ng) * bk * H * itemsize + t_visits * (2 * bq * H * itemsize + 8 * bq)
     rows["bwd"] = dq + dkv
@@ -74,8 +75,10 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     bqg = min(bq, S.cdiv(G, 8) * 8)
     nqg = S.cdiv(G, bqg)
     rows["fwd"] += 2 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
-    rows["bwd"] += (3 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
+    rows["bwd"] += (4 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
                     + 4 * nk * bk * H * itemsize + nk * nqg * 2 * bqg * H * itemsize)
+    if G:  # the sequence dkv kernel adds the global rows' dK / dV in place: read once
+        rows["bwd"] += 2 * nk * bk * H * itemsize
     # Folds: the rows pass's forward and dq kernels read the global rows' outputs / dq,
     # the sequence dkv kernel the slots' dK and dV, two slot blocks (and their
     # positions) per sequence block, fetched again only when the slot block changes.

@@ -101,7 +101,7 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
     return value
 
 
-# Moving the G global rows in and out of token-major [B, T, N * H] arrays. Autodiff
+# Moving the G global rows in and out of the kernels' arrays. Autodiff
 # of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
 def _take_rows(x: Array, idx: Array, valid: Optional[Array] = None) -> Array:

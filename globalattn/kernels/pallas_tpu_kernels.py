@@ -18,11 +18,12 @@ Layout (``Config.heads_first``): heads-first ``[B, N, T, H]`` blocks of one
 head, or token-major ``[B, T, N * H]`` (a free reshape of the caller's
 ``[B, T, N, H]``) with a block of ``bq`` rows holding ``heads`` heads
 (:func:`heads_per_block`: lane-dense, 128 lanes on TPU, e.g. two heads of 64);
-each head's scores are a matmul of the block with the other heads' lanes
-zeroed. Softmax is online in float32 with the row max
-and denominator of each head in VMEM scratch; the only per-row residual
-written to HBM is the log-sum-exp ``[B, N / heads, heads, Tq]``. Head groups
-share one block schedule (the union of their heads' needs). Sinks start the running softmax at
+each head's products are matmuls of blocks with the other heads' lanes
+zeroed. Head groups share one block schedule (the union of their heads'
+needs). Softmax is online in float32 with the row max and denominator of each
+head in VMEM scratch; the only per-row residuals written to HBM are the
+log-sum-exp and, in the backward, ``do . out`` (``[B, N / heads, heads,
+Tq]``, computed by the dq kernel). Sinks start the running softmax at
 ``(m, l) = (sink, 1)``: an extra column of value 0. The backward recomputes
 probabilities from the log-sum-exp: ``dq`` walks the forward schedule,
 ``dk``/``dv`` walk the transposed one (key block -> query blocks), in groups so
