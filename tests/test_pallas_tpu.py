@@ -333,9 +333,10 @@ def test_nan_in_masked_slots_never_leaks(c):
     _check_f32(c, poison=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("random,causal", [(False, True), (True, False)])
-def test_no_races_or_out_of_bounds_under_tpu_interpreter(monkeypatch, random, causal):
+def _race_checked_interpreter(monkeypatch):
+    """TPU interpreter parameters that detect races, raise on out-of-bounds reads
+    and fill uninitialized memory with NaN; and the list of every kernel
+    launch's race-detection state."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
     from jax.experimental.pallas import tpu as pltpu
 
@@ -347,8 +348,14 @@ def test_no_races_or_out_of_bounds_under_tpu_interpreter(monkeypatch, random, ca
             super().__init__(*a, **kw)
             states.append(self)
     monkeypatch.setattr(ipc, "RaceDetectionState", Recorded)
-    params = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise",
-                                   uninitialized_memory="nan")
+    return pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise",
+                                 uninitialized_memory="nan"), states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("random,causal", [(False, True), (True, False)])
+def test_no_races_or_out_of_bounds_under_tpu_interpreter(monkeypatch, random, causal):
+    params, states = _race_checked_interpreter(monkeypatch)
     c = _fixed_case(3, T=21, window=(3, 2), causal=causal, random=random, gqkv=random,
                     sinks=True, bq=8, bk=8, B=1, N=1)
     q, k, v, gqkv, sinks = _inputs(c)
@@ -384,3 +391,25 @@ def test_fold_gives_each_row_its_own_slot_value_non_finite_included(dtype):
                                                     vals[1]], 1)[0])
     want_last = np.where(np.isin(np.arange(16), [12, 14])[:, None], want, 0)
     np.testing.assert_array_equal(got_last, want_last)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("T", [40, 48])  # chunks of 8 rows, of 16 rows
+def test_gather_rows_copies_each_row_exactly_without_races(monkeypatch, dtype, T):
+    # The heads-first row gather (global slots, global rows' cotangents): every
+    # row as it is (NaN, +-inf, -0), rows of one chunk, repeats, both ends of the
+    # sequence, out-of-range positions clamped like XLA's gather.
+    from globalattn.kernels import pallas_tpu_kernels as K
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, T, 8)), dtype)
+    x = (x.at[0, 1, 5, 2].set(jnp.nan).at[1, 0, T - 1, 0].set(-0.0)
+         .at[1, 2, 17, 3].set(jnp.inf).at[0, 0, 7, 7].set(-jnp.inf))
+    pos = jnp.asarray([[5, 0, T - 1, 7, 7, 1, 2, 3, 17, 33, 21, -4],
+                       [T - 1, 17, 3, 4, 5, 6, 7, 8, 9, 16, 15, T + 2]], jnp.int32)
+    params, states = _race_checked_interpreter(monkeypatch)
+    got = np.asarray(K.gather_rows(x, pos, interpret=params).astype(jnp.float32))
+    want = np.asarray(x.astype(jnp.float32))[
+        np.arange(2)[:, None, None], np.arange(3)[None, :, None],
+        np.clip(np.asarray(pos), 0, T - 1)[:, None, :]]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert states and not any(s.races_found for s in states)

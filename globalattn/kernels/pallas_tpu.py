@@ -39,6 +39,7 @@ block_k`` scores; global-rows pass ``G * T``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Iterator, Optional
 
@@ -48,7 +49,7 @@ from jax import lax
 
 from globalattn.kernels import pallas_tpu_schedule as S
 from globalattn.kernels.pallas_tpu_kernels import (Config, Pass, Slots, SlotTable, attend,
-                                                   heads_per_block)
+                                                   gather_rows, heads_per_block)
 from globalattn.ops.dense import gather_global_positions
 
 Array = jax.Array
@@ -104,11 +105,12 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
 # Moving the G global rows in and out of the kernels' arrays. Autodiff
 # of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
-def _take_rows(x: Array, idx: Array, valid: Optional[Array] = None) -> Array:
+def _take_rows(x: Array, idx: Array, valid: Optional[Array], interpret: Any) -> Array:
     """``x[b, idx[b, l]]`` of ``x [B, T, W]`` (or ``x[b, :, idx[b, l]]`` of ``x [B, N, T,
-    H]``), ``idx [B, L]``; zero where ``valid`` is False."""
+    H]``, by the Pallas kernel :func:`gather_rows`: XLA:TPU would copy all of ``x``
+    into another layout first), ``idx [B, L]``; zero where ``valid`` is False."""
     if x.ndim == 4:
-        rows = jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
+        rows = gather_rows(x, idx, interpret=interpret)
         keep = None if valid is None else valid[:, None, :, None]
     else:
         rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
@@ -116,8 +118,8 @@ def _take_rows(x: Array, idx: Array, valid: Optional[Array] = None) -> Array:
     return rows if keep is None else jnp.where(keep, rows, jnp.zeros((), x.dtype))
 
 
-@jax.custom_vjp
-def _gather_rows(x: Array, pos: Array, valid: Array, slot: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gather_rows(x: Array, pos: Array, valid: Array, slot: Array, interpret: Any) -> Array:
     """``x[b, pos[b, g]]`` (:func:`_take_rows`), zero where ``valid [B, G]`` is False;
     ``slot [B, T]`` = the slot of each position or -1.
 
@@ -126,17 +128,24 @@ def _gather_rows(x: Array, pos: Array, valid: Array, slot: Array) -> Array:
     pass's own slots are gathered for the kernel without a gradient: it folds
     theirs in).
     """
-    return _take_rows(x, pos, valid)
+    return _take_rows(x, pos, valid, interpret)
 
 
-def _gather_rows_fwd(x, pos, valid, slot):
-    return _gather_rows(x, pos, valid, slot), (pos, slot)
+def _gather_rows_fwd(x, pos, valid, slot, interpret):
+    return _gather_rows(x, pos, valid, slot, interpret), (pos, slot)
 
 
-def _gather_rows_bwd(res, ct):
+def _gather_rows_bwd(interpret, res, ct):
     pos, slot = res
-    back = _take_rows(ct, jnp.maximum(slot, 0), slot >= 0)
-    return back, None, None, None
+    # Every position takes its slot's row: a full-length result, XLA's own gather.
+    idx = jnp.maximum(slot, 0)
+    if ct.ndim == 4:
+        back = jnp.take_along_axis(ct, idx[:, None, :, None], axis=2)
+        keep = (slot >= 0)[:, None, :, None]
+    else:
+        back = jnp.take_along_axis(ct, idx[:, :, None], axis=1)
+        keep = (slot >= 0)[:, :, None]
+    return jnp.where(keep, back, jnp.zeros((), ct.dtype)), None, None, None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -353,7 +362,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
     if args.global_qkv is not None:
         qg_src, kg_src, vg_src = (kernel_layout(x) for x in args.global_qkv)
-        qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p), kg_src, vg_src)
+        qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p, interpret), kg_src, vg_src)
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
     need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
@@ -370,9 +379,9 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                      (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
     # The slots' rows (zero in empty slots), gathered without a gradient of their own:
     # the kernel attributes it to q, k, v at their positions.
-    gathered = (None if qkv_g is not None else lax.stop_gradient(_take_rows(qt, gpos_q, gvalid_q)),
-                lax.stop_gradient(_take_rows(kt, gpos_k, gvalid_k)),
-                lax.stop_gradient(_take_rows(vt, gpos_k, gvalid_k)))
+    take = lambda x, pos, valid: _take_rows(lax.stop_gradient(x), pos, valid, interpret)  # noqa: E731
+    gathered = (None if qkv_g is not None else take(qt, gpos_q, gvalid_q),
+                take(kt, gpos_k, gvalid_k), take(vt, gpos_k, gvalid_k))
     out = attend(cfg, cfg_g, qt, kt, vt, qkv_g, sinks, rows, glob_pass,
                  Slots(keys=key_slots, rows=row_slots), gathered)
     return result(out)

@@ -763,10 +763,68 @@ class Slots(NamedTuple):
     rows: SlotTable
 
 
+# ---------------------------------------------------------------------------
+# Gathering rows of a heads-first array.
+# ---------------------------------------------------------------------------
+# XLA:TPU gathers rows of [B, N, T, H] by first copying the whole array into a
+# layout with T outermost (one slice per row contiguous): a full-size temporary
+# for a few rows. This kernel fetches, per row, the aligned chunk of rows
+# that holds it (all heads at once) and selects the row inside VMEM.
+def _gather_kernel(pos_ref, x_ref, o_ref, *, L: int, chunk: int):
+    b, l = pl.program_id(0), pl.program_id(1)
+    r = pos_ref[b * L + l] % chunk
+    j = l % chunk
+    rows_in = x_ref[...].astype(jnp.float32)  # [N, chunk, H]
+    row = rows_in[:, :1]
+    for s in range(1, chunk):  # selects, not products: every value is copied as is
+        row = jnp.where(r == s, rows_in[:, s:s + 1], row)
+    rows = lax.broadcasted_iota(jnp.int32, (1, chunk, 1), 1)
+    # Row j of this output chunk; the rows before it were written by the previous
+    # steps (the output block stays in VMEM while l walks through it).
+    prev = jnp.where(j == 0, jnp.zeros((), jnp.float32), o_ref[...].astype(jnp.float32))
+    o_ref[...] = jnp.where(rows == j, row, prev).astype(o_ref.dtype)
+
+
+def gather_rows(x: Array, pos: Array, *, interpret: Any) -> Array:
+    """``x[b, :, pos[b, l]]`` of a heads-first ``x [B, N, T, H]``, ``pos [B, L]``
+    int32 -> ``[B, N, L, H]``, exactly (NaN, inf and -0 copied as they are).
+    Positions outside ``[0, T)`` are clamped into it, as by XLA's gather
+    (callers zero the rows of empty slots).
+
+    One grid step per row: the aligned chunk of 16 rows that holds it (8 when
+    ``T`` is not a multiple of 16; one sublane tile of bf16 / float32), all
+    heads at once, is fetched by a scalar-prefetched index and the row
+    selected in VMEM, so no copy of ``x`` is made (XLA:TPU's gather would
+    first copy all of ``x`` into a layout with ``T`` outermost).
+    """
+    B, N, T, H = x.shape
+    L = pos.shape[1]
+    chunk = 16 if T % 16 == 0 else 8
+    if T % chunk:
+        raise ValueError(f"gather_rows: sequence length {T} is not a multiple of 8")
+    Lp = -(-L // chunk) * chunk
+    flat = jnp.pad(jnp.clip(pos.astype(jnp.int32), 0, T - 1), ((0, 0), (0, Lp - L))).reshape(-1)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(B, Lp),
+        in_specs=[pl.BlockSpec((None, N, chunk, H),
+                               lambda b, l, p: (b, 0, p[b * Lp + l] // chunk, 0))],
+        out_specs=pl.BlockSpec((None, N, chunk, H), lambda b, l, p: (b, 0, l // chunk, 0)))
+    out = pl.pallas_call(
+        functools.partial(_gather_kernel, L=Lp, chunk=chunk), grid_spec=grid_spec,
+        out_shape=_out((B, N, Lp, H), x.dtype, x),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
+                                      bytes_accessed=x.dtype.itemsize * B * N * Lp * H
+                                      * (chunk + 1)),
+        interpret=interpret, name="global_local_gather_rows",
+    )(flat, x)
+    return out if Lp == L else out[:, :, :L]
+
+
 def _gather_slots(cfg: Config, x: Array, pos: Array) -> Array:
     """Rows ``pos [B, L]`` of ``x`` along its sequence axis."""
     if cfg.heads_first:
-        return jnp.take_along_axis(x, pos[:, None, :, None], axis=2)
+        return gather_rows(x, pos, interpret=cfg.interpret)
     return jnp.take_along_axis(x, pos[:, :, None], axis=1)
 
 
