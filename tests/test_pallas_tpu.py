@@ -413,3 +413,46 @@ def test_gather_rows_copies_each_row_exactly_without_races(monkeypatch, dtype, T
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
     assert states and not any(s.races_found for s in states)
+
+
+@pytest.mark.parametrize("H", [4, 8])  # token-major (rule applied before the kernels), heads-first (inside them)
+def test_non_finite_keys_and_values_in_kernel_rule(H):
+    # A real token's NaN / inf key or value (and global_qkv's) makes exactly the rows that
+    # attend it NaN, as in the oracle. Gradients: the rule (core.non_finite_to_keys)
+    # applied inside the kernels must differentiate exactly as the rule applied to k, v
+    # before them (the dispatcher's way for other kernels): a NaN key row times a zero
+    # probability spreads NaN through dQ there, so the NaN patterns are the kernel's;
+    # every finite gradient equals the oracle's (which marks NaN rows after a finite
+    # computation, so its gradients are finite).
+    from globalattn.ops import core
+    c = _fixed_case(11, T=21, window=(2, 1), causal=False, random=True, gqkv=True, sinks=True,
+                    bq=8, bk=8, H=H)
+    q, k, v, gqkv, sinks = _inputs(c)
+    k = k.at[0, 9, 1, 2].set(jnp.nan).at[1, 6, 0, 0].set(jnp.inf)
+    v = v.at[0, 4, 0, 3].set(-jnp.inf).at[1, 12, 1, 1].set(jnp.nan)
+    gqkv = (gqkv[0], gqkv[1].at[0, 2, 0, 1].set(jnp.inf), gqkv[2].at[1, 8, 1, 0].set(jnp.nan))
+    cot = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape), jnp.float32)
+
+    def rule_first(c, q, k, v, gqkv, sinks):
+        k, v = core.non_finite_to_keys(k, v)
+        gqkv = (gqkv[0],) + core.non_finite_to_keys(gqkv[1], gqkv[2])
+        return _kernel(c, q, k, v, gqkv, sinks)
+    out_e, g_e = _fwd_and_grads(_kernel, c, q, k, v, gqkv, sinks, cot)
+    out_r, g_r = _fwd_and_grads(rule_first, c, q, k, v, gqkv, sinks, cot)
+    out_o, g_o = _fwd_and_grads(_oracle, c, q, k, v, gqkv, sinks, cot)
+    out_o = np.asarray(out_o, np.float64)
+    assert np.isnan(out_o).any() and not np.isnan(out_o).all()
+    g_e, g_r, g_o = (jax.tree.leaves(g) for g in (g_e, g_r, g_o))
+    assert any(np.isnan(np.asarray(x)).any() for x in g_e)  # the case reaches the gradients
+    for what, x, y in [("forward", out_e, out_o)] + [
+            (f"vjp {i}", a, b) for i, (a, b) in enumerate(zip(g_e, g_o))]:
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if what == "forward":
+            np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=what)
+        fin = np.isfinite(x)
+        np.testing.assert_allclose(x[fin], y[fin], atol=F32_BWD, rtol=0, err_msg=what)
+    for i, (x, y) in enumerate(zip(g_e, g_r)):
+        np.testing.assert_array_equal(np.isnan(np.asarray(x)), np.isnan(np.asarray(y)),
+                                      err_msg=f"vjp {i}: in-kernel rule vs rule first")
+        np.testing.assert_allclose(np.nan_to_num(np.asarray(x)), np.nan_to_num(np.asarray(y)),
+                                   atol=F32_BWD, rtol=0, err_msg=f"vjp {i}")

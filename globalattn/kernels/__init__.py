@@ -12,3 +12,7 @@ KERNELS: dict = {
     "pallas_gpu": "globalattn.kernels.pallas_gpu:pallas_gpu_attention",
     "pallas_tpu": "globalattn.kernels.pallas_tpu:pallas_tpu_attention",
 }
+# Kernels that apply the non-finite-key rule (globalattn.ops.core.non_finite_to_keys)
+# to their key / value blocks themselves; the dispatcher applies it for the others
+# (two full-size copies of k and v, kept for the backward).
+APPLY_NON_FINITE_RULE: frozenset = frozenset({"pallas_tpu"})

@@ -27,7 +27,12 @@ itself); a smaller one token-major ``[B, T, N * H]`` with two or more heads
 side by side in one lane-dense block (heads-first would pad each row of 64 to
 128 lanes). Padding and empty slots are zeroed inside the kernels, and the
 backward's per-row ``do . out`` is computed by the dq kernel, so no
-full-length copy of an input is made around them.
+full-length copy of an input is made around them. Heads-first, the global
+slots' rows are gathered by a small Pallas kernel (XLA:TPU's gather would copy
+the whole array into a layout with T outermost first) and the library's
+non-finite-key rule (``core.non_finite_to_keys``) is applied to each key block
+inside the kernels; token-major, the rule is applied before them, where XLA
+fuses it into the layout change it makes anyway.
 
 Softmax is online in float32 with a custom VJP whose backward kernels recompute
 probabilities from the per-row log-sum-exp: nothing of size T x window lives in
@@ -50,6 +55,7 @@ from jax import lax
 from globalattn.kernels import pallas_tpu_schedule as S
 from globalattn.kernels.pallas_tpu_kernels import (Config, Pass, Slots, SlotTable, attend,
                                                    gather_rows, heads_per_block)
+from globalattn.ops import core
 from globalattn.ops.dense import gather_global_positions
 
 Array = jax.Array
@@ -242,6 +248,13 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         x = x.reshape(B, T, N * H)
         return x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0)))
 
+    # The library's non-finite-key rule (core.non_finite_to_keys): heads-first, the
+    # kernels apply it to each key block (no copies of k and v); token-major, here,
+    # where XLA fuses it into the layout change it makes anyway (measured: fewer
+    # temporaries than in the kernels, results/bench_tpu.md).
+    rule_here = not heads_first
+    if rule_here:
+        k, v = core.non_finite_to_keys(k, v)
     qt, kt, vt = kernel_layout(q), kernel_layout(k), kernel_layout(v)
     has_sinks = args.sinks is not None
     sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
@@ -339,7 +352,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                  n_rand=n_rand, row_code=True, sched_bn=sched_bn,
                  info_bn=tuple(qinfo.shape[:2]), info_heads=info_heads,
                  has_sinks=has_sinks, n_global_blocks=ng, heads=hb, head_dim=H,
-                 heads_first=heads_first,
+                 heads_first=heads_first, non_finite_rule=not rule_here,
                  interpret=interpret)
     rows = Pass(kinfo, qinfo, sched, tuple(tsched))
 
@@ -361,7 +374,10 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     row_slots = slot_table(gpos_q, gvalid_q, bq, bqg)
     qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
     if args.global_qkv is not None:
-        qg_src, kg_src, vg_src = (kernel_layout(x) for x in args.global_qkv)
+        gq, gk, gv = args.global_qkv
+        if rule_here:
+            gk, gv = core.non_finite_to_keys(gk, gv)
+        qg_src, kg_src, vg_src = (kernel_layout(x) for x in (gq, gk, gv))
         qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p, interpret), kg_src, vg_src)
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
@@ -373,7 +389,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
                    n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1), info_heads=1,
                    has_sinks=has_sinks, n_global_blocks=0, heads=hb, head_dim=H,
-                   heads_first=heads_first,
+                   heads_first=heads_first, non_finite_rule=not rule_here,
                    interpret=interpret)
     glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
                      (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))

@@ -70,6 +70,7 @@ class Config(NamedTuple):
     heads: int  # heads per block: a block is [rows, heads * head_dim] of the token-major array
     head_dim: int
     heads_first: bool  # arrays are [B, N, T, H] (then heads == 1), else token-major [B, T, N * H]
+    non_finite_rule: bool  # apply core.non_finite_to_keys to the key blocks here (else the caller did)
     interpret: Any  # False on TPU; True or pltpu.InterpretParams elsewhere
 
 
@@ -175,6 +176,35 @@ def _put(cfg: Config, acc: Array, new: Array, h: int) -> Array:
     if cfg.heads == 1:
         return new
     return jnp.where(_lanes_of(cfg, acc.shape, h), new, acc)
+
+
+def _non_finite_rule(cfg: Config, k: Array, v: Array):
+    """The library's rule for non-finite keys (``core.non_finite_to_keys``) on a
+    key block ``k, v [R, heads * H]``, per head: a token with a non-finite key
+    or value entry gets an all-NaN key (every score against it is NaN), and a
+    value's non-finite entries become 0 (no ``0 * inf`` of a zero probability).
+
+    Returns ``(k', v', bad, v_ok)``: ``bad [R, heads * H]`` marks every lane of
+    such a (token, head), ``v_ok`` the finite value entries; the backward
+    zeroes dK at ``bad`` and dV outside ``v_ok`` (the rule's own derivative).
+    Applied inside the kernels, it costs no copy of ``k`` and ``v``.
+    """
+    if not cfg.non_finite_rule:  # the caller applied it to k and v
+        return k, v, None, None
+    v32 = v.astype(jnp.float32)  # (Mosaic tests finiteness in float32 only)
+    v_ok = jnp.isfinite(v32)
+    nonfinite = jnp.where(jnp.isfinite(k.astype(jnp.float32)) & v_ok, 0.0, 1.0)
+    if cfg.heads == 1:
+        flag = jnp.broadcast_to(jnp.max(nonfinite, axis=1, keepdims=True), k.shape)
+    else:
+        flag = jnp.zeros(k.shape, jnp.float32)
+        for h in range(cfg.heads):
+            lanes = _lanes_of(cfg, k.shape, h)
+            per = jnp.max(jnp.where(lanes, nonfinite, 0.0), axis=1, keepdims=True)
+            flag = jnp.where(lanes, jnp.broadcast_to(per, k.shape), flag)
+    bad = flag > 0
+    return (jnp.where(bad, jnp.full((), jnp.nan, k.dtype), k),
+            jnp.where(v_ok, v, jnp.zeros((), v.dtype)), bad, v_ok)
 
 
 def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globals=False):
@@ -389,9 +419,10 @@ def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: i
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(k_ref, v_ref):
-        q, k = q_ref[...], k_ref[...]
+        q = q_ref[...]
+        k, v, _, _ = _non_finite_rule(cfg, k_ref[...], v_ref[...])
         kpos, kcode, kblk = _key_info(kinfo_ref, 1)
-        v = _zero_rows(v_ref[...], _key_info(kinfo_ref, 0)[1], S.CODE_INVALID, equal=False)
+        v = _zero_rows(v, _key_info(kinfo_ref, 0)[1], S.CODE_INVALID, equal=False)
         acc = acc_ref[...]
         for h in range(cfg.heads):
             s = lax.dot_general(_head(cfg, q, h), _head(cfg, k, h), _NT,
@@ -527,8 +558,9 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
         q, do = q_ref[...], do_ref[...]
         kpos, kcode, kblk = _key_info(kinfo_ref, 1)
         kcode_col = _key_info(kinfo_ref, 0)[1]
-        k = _zero_rows(k_ref[...], kcode_col, S.CODE_INVALID, equal=False)
-        v = _zero_rows(v_ref[...], kcode_col, S.CODE_INVALID, equal=False)
+        k, v, _, _ = _non_finite_rule(cfg, k_ref[...], v_ref[...])
+        k = _zero_rows(k, kcode_col, S.CODE_INVALID, equal=False)
+        v = _zero_rows(v, kcode_col, S.CODE_INVALID, equal=False)
         acc = acc_ref[...]
         for h in range(cfg.heads):
             s = lax.dot_general(_head(cfg, q, h), _head(cfg, k, h), _NT,
@@ -627,9 +659,10 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
     @pl.when(j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nkg, kb)])
     def _step():
         i = ids_ref[_flat(cfg.sched_bn, b, n, nkg, kb, Lt, j)]  # the query block
-        q, k, do = q_ref[...], k_ref[...], do_ref[...]
+        q, do = q_ref[...], do_ref[...]
+        k, v, _, _ = _non_finite_rule(cfg, k_ref[...], v_ref[...])
         kpos, kcode, kblk = _key_info(kinfo_ref, 0)
-        v = _zero_rows(v_ref[...], kcode, S.CODE_INVALID, equal=False)
+        v = _zero_rows(v, kcode, S.CODE_INVALID, equal=False)
         if cfg.row_code:  # rows that attend nothing here may hold anything
             q = _zero_rows(q, _row_info(cfg, qinfo_ref, i, (cfg.bq, 1), 0)[2], 0, equal=True)
         dk, dv = dk_acc[...], dv_acc[...]
@@ -653,8 +686,15 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
 
     @pl.when(j == Lt - 1)
     def _finish():
+        # The rule's derivative: no gradient reaches a NaN-keyed token's key or a
+        # value entry that was replaced by 0 (the folded and added parts come
+        # from the same tokens' blocks, masked alike by their own kernels).
         dk = dk_acc[...] * scale
         dv = dv_acc[...]
+        if cfg.non_finite_rule:
+            _, _, bad, v_ok = _non_finite_rule(cfg, k_ref[...], v_ref[...])
+            dk = jnp.where(bad, 0.0, dk)
+            dv = jnp.where(v_ok, dv, 0.0)
         if n_fold_blocks:  # the global slots' dK / dV at their positions
             kpos = jnp.expand_dims(kinfo_ref[0], -1)  # [bk, 1]
             add_k, add_v = _fold_rows(kpos, sblk_ref[b * nkg + kb], n_fold_blocks, fold_refs, 2)
@@ -854,7 +894,10 @@ def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
     code keeps empty there). ``sinks [N]`` float32 (ignored unless
     ``cfg.has_sinks``). Keys with an invalid code and rows with a nonzero row
     code may hold anything (NaN, inf): the kernels zero them where a product
-    could reach a real output. Differentiable in the arrays; the backward
+    could reach a real output. With ``cfg.non_finite_rule`` the kernels apply
+    the library's non-finite-key rule to every key block (and its derivative
+    to dK / dV); otherwise ``k, v`` (and ``qkv_g``'s) must already obey it.
+    Differentiable in the arrays; the backward
     folds the slots' dK / dV and the global rows' dQ into the sequence's
     inside the kernels, and the rows pass's dK / dV kernel adds the global-rows
     pass's in place. Returns ``[B, Tq, N * H]``.

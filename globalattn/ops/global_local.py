@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from globalattn.kernels import KERNELS
+from globalattn.kernels import APPLY_NON_FINITE_RULE, KERNELS
 from globalattn.ops import core
 from globalattn.ops import validate as V
 from globalattn.ops.dense import Window, gather_global_positions
@@ -135,11 +135,14 @@ def global_local_attention(
                                  f"{knob}={value} with implementation={name!r}")
         # Kernels see the same inputs as the XLA path's parts: a non-finite key
         # or value of a real token only reaches the rows that attend it.
-        k, v = core.non_finite_to_keys(args.k, args.v)
-        gqkv = args.global_qkv
-        if gqkv is not None:
-            gqkv = (gqkv[0],) + core.non_finite_to_keys(gqkv[1], gqkv[2])
-        out = _load(name)(args._replace(k=k, v=v, global_qkv=gqkv))
+        kernel_args = args
+        if name not in APPLY_NON_FINITE_RULE:
+            k, v = core.non_finite_to_keys(args.k, args.v)
+            gqkv = args.global_qkv
+            if gqkv is not None:
+                gqkv = (gqkv[0],) + core.non_finite_to_keys(gqkv[1], gqkv[2])
+            kernel_args = args._replace(k=k, v=v, global_qkv=gqkv)
+        out = _load(name)(kernel_args)
     return _finish(args, out)
 
 
