@@ -66,8 +66,10 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     rows = dict(fwd=0.0, bwd=0.0)
     visits = band.sum() + nq * ng  # every query block visits every global block
     rows["fwd"] = 2 * Tp * H * itemsize + 4 * Tp + visits * (kv + info)
-    # dq reads q, do and out (its do . out) and writes dq; lse in, do . out out.
-    dq = 4 * Tp * H * itemsize + 8 * Tp + visits * (kv + info)
+    # do . out: reads out, do and the row codes, writes one float32 per row; dq reads
+    # q, do, lse and do . out and writes dq.
+    dots = 2 * Tp * H * itemsize + 8 * Tp
+    dq = dots + 3 * Tp * H * itemsize + 8 * Tp + visits * (kv + info)
     t_visits = band.sum() + ng * nq  # transposed: the same pairs
     dkv = 4 * (nk + ng) * bk * H * itemsize + t_visits * (2 * bq * H * itemsize + 8 * bq)
     rows["bwd"] = dq + dkv
@@ -75,7 +77,7 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
     bqg = min(bq, S.cdiv(G, 8) * 8)
     nqg = S.cdiv(G, bqg)
     rows["fwd"] += 2 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
-    rows["bwd"] += (4 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)
+    rows["bwd"] += (5 * nqg * bqg * H * itemsize + nqg * nk * (kv + info)  # do . out, dq
                     + 4 * nk * bk * H * itemsize + nk * nqg * 2 * bqg * H * itemsize)
     if G:  # the sequence dkv kernel adds the global rows' dK / dV in place: read once
         rows["bwd"] += 2 * nk * bk * H * itemsize
@@ -94,6 +96,13 @@ def schedule_bytes(T: int, N: int, H: int, G: int, window: int, itemsize: int = 
         out_rows = fetches(bq, bqg) * bqg * (H * itemsize + 4)  # out_g (fwd), dq_g (bwd)
         rows["fwd"] += out_rows
         rows["bwd"] += out_rows + fetches(bk, bk) * bk * (2 * H * itemsize + 4)
+    if G and H % block == 0:
+        # Heads-first: the row-gather kernel reads a chunk of 16 rows per gathered row
+        # and writes the row (the q rows and K / V slots forward, the do rows backward).
+        def gather(n_rows: int) -> int:
+            return S.cdiv(n_rows, 16) * 16 * 17 * H * itemsize
+        rows["fwd"] += gather(nqg * bqg) + 2 * gather(ng * bk)
+        rows["bwd"] += gather(nqg * bqg)
     return {k: float(v) * N for k, v in rows.items()}
 
 

@@ -26,8 +26,9 @@ Layout: a head dim that fills whole 128-lane tiles is read heads-first
 itself); a smaller one token-major ``[B, T, N * H]`` with two or more heads
 side by side in one lane-dense block (heads-first would pad each row of 64 to
 128 lanes). Padding and empty slots are zeroed inside the kernels, and the
-backward's per-row ``do . out`` is computed by the dq kernel, so no
-full-length copy of an input is made around them. Heads-first, the global
+backward's per-row ``do . out`` is computed by a kernel of its own, so no
+full-length copy of an input is made around them; heads-first, dQ is written
+over ``do``'s buffer (its last use). Heads-first, the global
 slots' rows are gathered by a small Pallas kernel (XLA:TPU's gather would copy
 the whole array into a layout with T outermost first) and the library's
 non-finite-key rule (``core.non_finite_to_keys``) is applied to each key block

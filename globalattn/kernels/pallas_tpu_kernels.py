@@ -23,7 +23,7 @@ zeroed. Head groups share one block schedule (the union of their heads'
 needs). Softmax is online in float32 with the row max and denominator of each
 head in VMEM scratch; the only per-row residuals written to HBM are the
 log-sum-exp and, in the backward, ``do . out`` (``[B, N / heads, heads,
-Tq]``, computed by the dq kernel). Sinks start the running softmax at
+Tq]``, computed by a kernel of its own). Sinks start the running softmax at
 ``(m, l) = (sink, 1)``: an extra column of value 0. The backward recomputes
 probabilities from the log-sum-exp: ``dq`` walks the forward schedule,
 ``dk``/``dv`` walk the transposed one (key block -> query blocks), in groups so
@@ -529,30 +529,66 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
 
 
 # ---------------------------------------------------------------------------
-# Backward: dq along the forward schedule.
+# Backward: the rows' do . out, then dq along the forward schedule.
 # ---------------------------------------------------------------------------
+def _row_dots_kernel(*refs, cfg: Config):
+    o_ref, do_ref, qinfo_ref, di_ref = (refs[0], refs[1], refs[2] if cfg.row_code else None,
+                                        refs[-1])
+    i = pl.program_id(2)
+    prod = do_ref[...].astype(jnp.float32) * o_ref[...].astype(jnp.float32)
+    for h in range(cfg.heads):
+        d = jnp.sum(_head(cfg, prod, h), axis=1, keepdims=True)  # [bq, 1]
+        if cfg.row_code:  # rows that attend nothing here: their output is not this pass's
+            code = _row_info(cfg, qinfo_ref, i, (cfg.bq, 1), 0)[2]
+            d = jnp.where(code != 0, 0.0, d)
+        # column -> lane-dense row
+        di_ref[pl.ds(h, 1), :] = jnp.transpose(jnp.broadcast_to(d, (cfg.bq, _LANES)))[:1, :]
+
+
+def _row_dots(cfg: Config, out: Array, do: Array, qinfo) -> Array:
+    """``do . out`` per row and head, ``[B, N / heads, heads, Tq]`` float32, zero at rows
+    with a nonzero row code: one read of ``out`` and ``do`` (XLA would materialize the
+    float32 product and a transposed copy of it)."""
+    B, Tq = out.shape[0], _length(cfg, out)
+    Ng, hb, bq = _groups(cfg, out), cfg.heads, cfg.bq
+    nq = Tq // bq
+
+    def qmap(b, n, i):
+        return (b, i, n)
+    in_specs = [_spec(cfg, bq, qmap), _spec(cfg, bq, qmap)]
+    args = [out, do]
+    if cfg.row_code:
+        extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i: (b, n, i))
+        in_specs += extra_specs
+        args += extra
+    return pl.pallas_call(
+        functools.partial(_row_dots_kernel, cfg=cfg), grid=(B, Ng, nq), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, hb, bq), lambda b, n, i: (b, n, 0, i)),
+        out_shape=_out((B, Ng, hb, Tq), jnp.float32, out),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel")),
+        cost_estimate=pl.CostEstimate(flops=2 * B * Tq * Ng * _width(cfg), transcendentals=0,
+                                      bytes_accessed=out.dtype.itemsize * 2 * B * Tq * Ng
+                                      * _width(cfg) + 4 * B * Ng * hb * Tq),
+        interpret=cfg.interpret, name="global_local_row_dots",
+    )(*args)
+
+
 def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
                scale: float, n_fold: int):
     sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
-    q_ref, k_ref, v_ref, kinfo_ref, lse_ref, o_ref, do_ref = fixed[:7]
+    q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_in_ref, do_ref = fixed[:7]
     fold_refs, rest = rest[:4 if n_fold else 0], rest[4 if n_fold else 0:]
-    dq_ref, di_out_ref, acc_ref, di_ref = rest
+    dq_ref, acc_ref, di_ref = rest
     b, n, i, j = (pl.program_id(a) for a in range(4))
 
     @pl.when(j == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-        # delta = do . out per row and head, here rather than in XLA (which would
-        # materialize the float32 product and a transposed copy of it).
-        prod = do_ref[...].astype(jnp.float32) * o_ref[...].astype(jnp.float32)
-        for h in range(cfg.heads):
-            d = jnp.sum(_head(cfg, prod, h), axis=1, keepdims=True)  # [bq, 1]
-            if cfg.row_code:  # rows that attend nothing here: their output is not this pass's
-                code = _row_info(cfg, qinfo_ref, i, (cfg.bq, 1), 0)[2]
-                d = jnp.where(code != 0, 0.0, d)
-            di_ref[h] = jnp.broadcast_to(d, di_ref.shape[1:])
-            di_out_ref[pl.ds(h, 1), :] = jnp.transpose(di_ref[h])[:1, :]
+        for h in range(cfg.heads):  # lane-dense row -> column (rows on sublanes)
+            di_ref[h] = jnp.transpose(jnp.broadcast_to(di_in_ref[pl.ds(h, 1), :],
+                                                       (_LANES, cfg.bq)))
 
     def step(k_ref, v_ref):
         q, do = q_ref[...], do_ref[...]
@@ -585,10 +621,14 @@ def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: in
         dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out, do,
+def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, do,
                  fold: Optional[Fold] = None):
-    """dQ (``q``'s layout) of one pass and its rows' ``do . out`` (``[B, N / heads,
-    heads, Tq]``, zero at rows with a nonzero row code), which the dK / dV kernels use."""
+    """dQ (``q``'s layout) of one pass, given its rows' ``do . out`` (:func:`_row_dots`).
+
+    Heads-first, dQ is written over ``do``'s buffer (an input-output alias; this
+    is the last use of ``do`` in the backward, and XLA copies ``do`` first where
+    it is still live): no buffer of dQ's own. Token-major it is not (measured:
+    XLA then copied ``do``, 0.2 GB more at T = 131072)."""
     B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
@@ -610,14 +650,13 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out,
     in_specs = ([_spec(cfg, bq, qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map),
                    pl.BlockSpec((None, None, hb, bq), rowmap),
-                   _spec(cfg, bq, qmap),
+                   pl.BlockSpec((None, None, hb, bq), rowmap),
                    _spec(cfg, bq, qmap)] + glob_specs + extra_specs
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
-        out_specs=[_spec(cfg, bq, qmap),
-                   pl.BlockSpec((None, None, hb, bq), rowmap)],
+        out_specs=_spec(cfg, bq, qmap),
         scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32)])
     kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L,
@@ -625,15 +664,16 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, out,
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=6 * B * Ng * hb * nq * L * bq * bk * cfg.head_dim,
                            transcendentals=B * Ng * hb * nq * L * bq * bk,
-                           bytes_accessed=isz * B * Ng * (4 * Tq * W + 2 * nq * L * bk * W))
+                           bytes_accessed=isz * B * Ng * (3 * Tq * W + 2 * nq * L * bk * W))
+    prefetch = [*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold)]
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=[_out(q.shape, q.dtype, q), _out(lse.shape, jnp.float32, q)],
+        out_shape=_out(q.shape, q.dtype, q),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dq",
-    )(*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold), q, k, v, kinfo, lse, out, do,
-      *glob_args, *extra, *fold_args)
+        input_output_aliases={len(prefetch) + 6: 0} if cfg.heads_first else {},  # do -> dq
+    )(*prefetch, q, k, v, kinfo, lse, di, do, *glob_args, *extra, *fold_args)
 
 
 # ---------------------------------------------------------------------------
@@ -936,6 +976,7 @@ def _attend_bwd(cfg, cfg_g, res, do):
     dqkv_g = None
     dq_fold = dk = dv = None
     dsinks = jnp.zeros_like(sinks)
+    # Each pass: do . out, then dK / dV, then dQ, which is written over do's buffer.
     if cfg_g is not None:
         (qs, ks, vs), shared = _global_qkv(k, v, qkv_g, gathered)
         # Empty slots' rows are never written, so they get no cotangent (non-causal, they
@@ -944,10 +985,11 @@ def _attend_bwd(cfg, cfg_g, res, do):
         if cfg.heads_first:
             used = used[:, None]
         do_g = jnp.where(used, _gather_slots(cfg, do, slots.rows.pos), jnp.zeros((), do.dtype))
-        dq_g, di_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo,
-                                  *glob.sched, lse_g, out_g, do_g)
+        di_g = _row_dots(cfg_g, out_g, do_g, glob.qinfo)
         dk_g, dv_g = _backward_dkv(cfg_g, 0, qs, ks, vs, glob.kinfo, glob.qinfo, *glob.tsched[0],
                                    lse_g, di_g, do_g)
+        dq_g = _backward_dq(cfg_g, qs, ks, vs, None, None, glob.kinfo, glob.qinfo,
+                            *glob.sched, lse_g, di_g, do_g)
         dsinks = dsinks + _dsinks(cfg_g, sinks, lse_g, di_g)
         if shared:  # folded into the rows pass's dQ and added to its dK / dV
             dq_fold = Fold(slots.rows, (dq_g,), cfg_g.bq)
@@ -955,8 +997,7 @@ def _attend_bwd(cfg, cfg_g, res, do):
         else:
             dqkv_g = (dq_g, dk_g, dv_g)
     kg, vg = gathered[1:] if cfg.n_global_blocks else (None, None)
-    dq, di = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, out,
-                          do, fold=dq_fold)
+    di = _row_dots(cfg, out, do, rows.qinfo)
     key_fold = None
     if cfg.n_global_blocks:
         dkv_slots = _backward_dkv(cfg, 0, q, kg, vg, rows.kinfo, rows.qinfo, *rows.tsched[0],
@@ -966,6 +1007,8 @@ def _attend_bwd(cfg, cfg_g, res, do):
     dk, dv = _backward_dkv(cfg, cfg.n_global_blocks, q, k, v, rows.kinfo, rows.qinfo,
                            *rows.tsched[-1], lse, di, do, fold=key_fold,
                            add=None if dk is None else (dk, dv))
+    dq = _backward_dq(cfg, q, k, v, kg, vg, rows.kinfo, rows.qinfo, *rows.sched, lse, di, do,
+                      fold=dq_fold)
     dsinks = dsinks + _dsinks(cfg, sinks, lse, di)
     # Inside shard_map, sinks replicated over axes that the rows vary over get
     # the sum of every shard's gradient (the transpose of that broadcast).
