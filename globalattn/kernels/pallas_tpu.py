@@ -112,17 +112,25 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
 # Moving the G global rows in and out of the kernels' arrays. Autodiff
 # of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
-def _take_rows(x: Array, idx: Array, valid: Optional[Array], interpret: Any) -> Array:
+def _xla_take_rows(x: Array, idx: Array, valid: Array) -> Array:
     """``x[b, idx[b, l]]`` of ``x [B, T, W]`` (or ``x[b, :, idx[b, l]]`` of ``x [B, N, T,
-    H]``, by the Pallas kernel :func:`gather_rows`: XLA:TPU would copy all of ``x``
-    into another layout first), ``idx [B, L]``; zero where ``valid`` is False."""
+    H]``) by XLA's gather, ``idx [B, L]``; zero where ``valid`` is False."""
     if x.ndim == 4:
-        rows = gather_rows(x, idx, interpret=interpret)
-        keep = None if valid is None else valid[:, None, :, None]
+        rows = jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
+        keep = valid[:, None, :, None]
     else:
         rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
-        keep = None if valid is None else valid[:, :, None]
-    return rows if keep is None else jnp.where(keep, rows, jnp.zeros((), x.dtype))
+        keep = valid[:, :, None]
+    return jnp.where(keep, rows, jnp.zeros((), x.dtype))
+
+
+def _take_rows(x: Array, idx: Array, valid: Array, interpret: Any) -> Array:
+    """:func:`_xla_take_rows`, but a heads-first ``x [B, N, T, H]`` by the Pallas kernel
+    :func:`gather_rows` (XLA:TPU would copy all of ``x`` into another layout first)."""
+    if x.ndim == 4:
+        rows = gather_rows(x, idx, interpret=interpret)
+        return jnp.where(valid[:, None, :, None], rows, jnp.zeros((), x.dtype))
+    return _xla_take_rows(x, idx, valid)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -145,14 +153,7 @@ def _gather_rows_fwd(x, pos, valid, slot, interpret):
 def _gather_rows_bwd(interpret, res, ct):
     pos, slot = res
     # Every position takes its slot's row: a full-length result, XLA's own gather.
-    idx = jnp.maximum(slot, 0)
-    if ct.ndim == 4:
-        back = jnp.take_along_axis(ct, idx[:, None, :, None], axis=2)
-        keep = (slot >= 0)[:, None, :, None]
-    else:
-        back = jnp.take_along_axis(ct, idx[:, :, None], axis=1)
-        keep = (slot >= 0)[:, :, None]
-    return jnp.where(keep, back, jnp.zeros((), ct.dtype)), None, None, None
+    return _xla_take_rows(ct, jnp.maximum(slot, 0), slot >= 0), None, None, None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -254,8 +255,9 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     # where XLA fuses it into the layout change it makes anyway (measured: fewer
     # temporaries than in the kernels, results/bench_tpu.md).
     rule_here = not heads_first
+    global_qkv = args.global_qkv
     if rule_here:
-        k, v = core.non_finite_to_keys(k, v)
+        k, v, global_qkv = core.non_finite_to_keys_all(k, v, global_qkv)
     qt, kt, vt = kernel_layout(q), kernel_layout(k), kernel_layout(v)
     has_sinks = args.sinks is not None
     sinks = args.sinks if has_sinks else jnp.zeros((N,), jnp.float32)
@@ -374,11 +376,8 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     # Gq <= bq or blocks of bq slots: a query block's <= bq slots lie in two slot blocks.
     row_slots = slot_table(gpos_q, gvalid_q, bq, bqg)
     qkv_g = None  # None: q's own global rows (gathered below) against the rows pass's K / V
-    if args.global_qkv is not None:
-        gq, gk, gv = args.global_qkv
-        if rule_here:
-            gk, gv = core.non_finite_to_keys(gk, gv)
-        qg_src, kg_src, vg_src = (kernel_layout(x) for x in (gq, gk, gv))
+    if global_qkv is not None:
+        qg_src, kg_src, vg_src = (kernel_layout(x) for x in global_qkv)
         qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p, interpret), kg_src, vg_src)
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]

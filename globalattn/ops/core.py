@@ -39,6 +39,7 @@ Array = jax.Array
 __all__ = [
     "Part",
     "non_finite_to_keys",
+    "non_finite_to_keys_all",
     "blocks",
     "blocks_pad",
     "chunk_rows",
@@ -102,6 +103,15 @@ def non_finite_to_keys(k: Array, v: Array) -> Tuple[Array, Array]:
         jnp.isfinite(v), axis=-1, keepdims=True)
     return (jnp.where(ok, k, jnp.array(jnp.nan, k.dtype)),
             jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype)))
+
+
+def non_finite_to_keys_all(k: Array, v: Array, global_qkv=None):
+    """:func:`non_finite_to_keys` on ``k, v`` and on ``global_qkv``'s keys and values
+    (its queries unchanged); returns ``(k, v, global_qkv)``."""
+    k, v = non_finite_to_keys(k, v)
+    if global_qkv is not None:
+        global_qkv = (global_qkv[0],) + non_finite_to_keys(global_qkv[1], global_qkv[2])
+    return k, v, global_qkv
 
 
 def blocks_pad(x: Array, axis: int, before: int, after: int) -> Array:

@@ -137,10 +137,7 @@ def global_local_attention(
         # or value of a real token only reaches the rows that attend it.
         kernel_args = args
         if name not in APPLY_NON_FINITE_RULE:
-            k, v = core.non_finite_to_keys(args.k, args.v)
-            gqkv = args.global_qkv
-            if gqkv is not None:
-                gqkv = (gqkv[0],) + core.non_finite_to_keys(gqkv[1], gqkv[2])
+            k, v, gqkv = core.non_finite_to_keys_all(args.k, args.v, args.global_qkv)
             kernel_args = args._replace(k=k, v=v, global_qkv=gqkv)
         out = _load(name)(kernel_args)
     return _finish(args, out)
