@@ -11,7 +11,9 @@
                                                     # requirements-bench.txt)
 
 Prints a markdown table. Per (T, G): median wall time of the jitted forward and
-forward+backward (``jax.grad`` w.r.t. q, k, v) over ``--reps`` runs after a
+forward+backward (``jax.value_and_grad`` w.r.t. q, k, v of ``<out, cotangent>``,
+as a training step computes them: with ``jax.grad`` alone XLA may skip a
+rematerialised forward whose value nothing reads) over ``--reps`` runs after a
 warm-up, useful GFLOP/s, and peak memory from XLA's compiled memory analysis
 (arguments + outputs + temporaries). Baselines measured in the same run:
 ``jax.nn.dot_product_attention`` with the equivalent dense boolean mask (the
@@ -83,7 +85,9 @@ def _measure(f: Callable, args, reps: int) -> Dict[str, float]:
         return jnp.vdot(f(q, k, v, *rest), cot)
 
     fwd = jax.jit(f).lower(*args).compile()
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    # value_and_grad: the loss value needs the forward's output, as in training. (With
+    # grad alone, a loss linear in the output lets XLA drop a rematerialised forward.)
+    bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
     return dict(
         fwd_s=_median_time(fwd, args, reps),
         fwdbwd_s=_median_time(bwd, args, reps),

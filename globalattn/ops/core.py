@@ -29,7 +29,7 @@ the rows that attend it become NaN, instead of every row whose block holds it).
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,21 +38,24 @@ Array = jax.Array
 
 __all__ = [
     "Part",
+    "PartOps",
     "non_finite_to_keys",
     "non_finite_to_keys_all",
     "blocks",
     "blocks_pad",
     "chunk_rows",
-    "over_row_chunks",
-    "window_chunk",
     "window_rows",
     "WindowRows",
     "global_column_part",
+    "global_column_part_ops",
     "global_row_part",
     "joint_softmax",
     "local_part",
+    "local_part_ops",
     "prepare",
     "random_part",
+    "random_part_ops",
+    "scored",
     "slabs",
 ]
 
@@ -66,6 +69,20 @@ class Part(NamedTuple):
     scores: Array  # float32 [B, N, c, q, K], -inf where not attended
     mask: Array  # bool, broadcastable to scores
     values: Array  # [B, N, c, K, H]
+
+
+class PartOps(NamedTuple):
+    """A part before scoring: its rows' queries and its keys, in the part layout."""
+
+    q: Array  # [B, N, c, q, H]
+    k: Array  # [B, N, c, K, H]
+    v: Array  # [B, N, c, K, H]
+    mask: Array  # bool, broadcastable to [B, N, c, q, K]
+
+
+def scored(ops: PartOps, scale: float) -> Part:
+    """The :class:`Part` of ``ops``: float32 scores ``scale * q . k``, -inf where masked."""
+    return Part(_scores(ops.q, ops.k, ops.mask, scale), ops.mask, ops.v)
 
 
 # --------------------------------------------------------------------------
@@ -146,6 +163,9 @@ def slabs(x: Array, axis: int, nb: int, bq: int, n_left: int, n_right: int,
     are padding (zeros / False) -- slices of one padded array, no gather.
     """
     front = n_left * bq - lead
+    kw = (n_left + 1 + n_right) * bq
+    if nb == 1 and front == 0 and x.shape[axis] == kw:  # one slab: x itself
+        return x.reshape(x.shape[:axis] + (1, kw) + x.shape[axis + 1:])
     x = _pad_axis(x, axis, front, (nb + n_left + n_right) * bq - front - x.shape[axis])
     xb = x.reshape(x.shape[:axis] + (nb + n_left + n_right, bq) + x.shape[axis + 1:])
     parts = [jax.lax.slice_in_dim(xb, s, s + nb, axis=axis) for s in range(n_left + 1 + n_right)]
@@ -166,6 +186,13 @@ def _in_window(rel: Array, left: int, right: int) -> Array:
 # --------------------------------------------------------------------------
 def local_part(q: Array, k: Array, v: Array, q_ok: Array, k_ok: Array, *, left: int,
                right: int, block_q: int, scale: float, lead: int = 0) -> Part:
+    """:func:`local_part_ops`, scored."""
+    return scored(local_part_ops(q, k, v, q_ok, k_ok, left=left, right=right,
+                                 block_q=block_q, lead=lead), scale)
+
+
+def local_part_ops(q: Array, k: Array, v: Array, q_ok: Array, k_ok: Array, *, left: int,
+                   right: int, block_q: int, lead: int = 0) -> PartOps:
     """Keys ``i - left <= j <= i + right`` of each row, blockwise.
 
     Args:
@@ -189,12 +216,20 @@ def local_part(q: Array, k: Array, v: Array, q_ok: Array, k_ok: Array, *, left: 
     # The offset j - i depends only on (row in block, column in slab).
     rel = (jnp.arange(kw)[None, :] - nl * bq) - jnp.arange(bq)[:, None]  # [bq, kw]
     mask = (_in_window(rel, left, right)[None, None] & key_ok[:, :, None, :] & row_ok)[:, None]
-    return Part(_scores(q_loc, k_slab, mask, scale), mask, v_slab)
+    return PartOps(q_loc, k_slab, v_slab, mask)
 
 
 def global_column_part(q: Array, k_g: Array, v_g: Array, gpos: Array, gvalid: Array,
                        qpos: Array, q_ok: Array, *, left: int, right: int, is_causal: bool,
                        scale: float) -> Part:
+    """:func:`global_column_part_ops`, scored."""
+    return scored(global_column_part_ops(q, k_g, v_g, gpos, gvalid, qpos, q_ok, left=left,
+                                         right=right, is_causal=is_causal), scale)
+
+
+def global_column_part_ops(q: Array, k_g: Array, v_g: Array, gpos: Array, gvalid: Array,
+                           qpos: Array, q_ok: Array, *, left: int, right: int,
+                           is_causal: bool) -> PartOps:
     """The global keys outside each row's window (inside it they count as local).
 
     Args:
@@ -207,12 +242,21 @@ def global_column_part(q: Array, k_g: Array, v_g: Array, gpos: Array, gvalid: Ar
     if is_causal:
         mask = mask & (rel <= 0)
     mask = mask[:, None, None]  # [B, 1, 1, C, G]
-    return Part(_scores(q[:, :, None], k_g[:, :, None], mask, scale), mask, v_g[:, :, None])
+    return PartOps(q[:, :, None], k_g[:, :, None], v_g[:, :, None], mask)
 
 
 def random_part(q: Array, k: Array, v: Array, q_ok: Array, pad: Array, glob: Optional[Array],
                 random_blocks: Array, block_size: int, *, row0: Union[int, Array], left: int,
                 right: int, is_causal: bool, scale: float) -> Part:
+    """:func:`random_part_ops`, scored."""
+    return scored(random_part_ops(q, k, v, q_ok, pad, glob, random_blocks, block_size,
+                                  row0=row0, left=left, right=right, is_causal=is_causal), scale)
+
+
+def random_part_ops(q: Array, k: Array, v: Array, q_ok: Array, pad: Array,
+                    glob: Optional[Array], random_blocks: Array, block_size: int, *,
+                    row0: Union[int, Array], left: int, right: int,
+                    is_causal: bool) -> PartOps:
     """BigBird random key blocks of each query block, minus what is counted elsewhere.
 
     A block drawn twice for the same query block counts once; keys inside the
@@ -254,7 +298,7 @@ def random_part(q: Array, k: Array, v: Array, q_ok: Array, pad: Array, glob: Opt
     if is_causal:
         mask = mask & (rel <= 0)
     q_r = jnp.where(row_ok, q.reshape(B, N, nqb, bs, H), jnp.zeros((), q.dtype))
-    return Part(_scores(q_r, k_r, mask, scale), mask, v_r)
+    return PartOps(q_r, k_r, v_r, mask)
 
 
 def global_row_part(q_rows: Array, k: Array, v: Array, gpos: Array, gvalid: Array,
@@ -319,44 +363,6 @@ def window_rows(q: Array, q_ok: Array, k: Array, v: Array, k_ok: Array, *, rows:
                       block_q)
 
 
-def window_chunk(w: WindowRows, r0: Array, *, scale: float,
-                 columns: Optional[Tuple[Array, Array, Array, Array]] = None,
-                 pos0: Union[int, Array] = 0, is_causal: bool = False
-                 ) -> Tuple[Array, Array, List[Part]]:
-    """Chunk ``r0`` of ``w``: its queries ``[B, N, rows, H]`` (zero where not
-    ``q_ok``), ``q_ok [B, rows]`` and its parts: :func:`local_part`, then with
-    ``columns = (k_g, v_g, gpos, gvalid)`` :func:`global_column_part` (row ``r``
-    of ``w`` is at absolute position ``pos0 + r``)."""
-    def sl(x, axis, n):
-        return jax.lax.dynamic_slice_in_dim(x, r0, n, axis)
-    q_ok = sl(w.q_ok, 1, w.rows)
-    q = jnp.where(q_ok[:, None, :, None], sl(w.q, 2, w.rows), jnp.zeros((), w.q.dtype))
-    keys = w.lead + w.rows + w.trail
-    parts = [local_part(q, sl(w.k, 2, keys), sl(w.v, 2, keys), q_ok, sl(w.k_ok, 1, keys),
-                        left=w.left, right=w.right, block_q=w.block_q, scale=scale,
-                        lead=w.lead)]
-    if columns is not None:
-        qpos = pos0 + r0 + jnp.arange(w.rows, dtype=jnp.int32)
-        parts.append(global_column_part(q, *columns, qpos, q_ok, left=w.left, right=w.right,
-                                        is_causal=is_causal, scale=scale))
-    return q, q_ok, parts
-
-
-def over_row_chunks(chunk: Callable[[Array], Array], n_rows: int, rows: int) -> Array:
-    """``chunk(r0)`` -> ``[B, N, rows, H]`` for rows ``r0 .. r0 + rows - 1``, for
-    ``r0 = 0, rows, 2 * rows, ...``; returns ``[B, N, n_rows, H]`` (rows past
-    ``n_rows`` dropped).
-
-    One ``lax.map`` step per chunk, rematerialised in the backward: no chunk's
-    scores are kept for the backward, and each pass over them touches one
-    chunk's worth of memory (cache-sized on a CPU).
-    """
-    n = -(-n_rows // rows)
-    out = jax.lax.map(jax.checkpoint(lambda i: chunk(i * rows)), jnp.arange(n))
-    out = jnp.moveaxis(out, 0, 2)  # [B, N, n, rows, H]
-    return out.reshape(out.shape[:2] + (n * rows, out.shape[-1]))[:, :, :n_rows]
-
-
 # --------------------------------------------------------------------------
 # The joint softmax.
 # --------------------------------------------------------------------------
@@ -374,7 +380,7 @@ def _unrows(x: Array, c: int, q: int) -> Array:
 
 def joint_softmax(parts: Sequence[Part], n_rows: int, *, sinks: Optional[Array] = None,
                   axis_name: Optional[Union[str, Tuple[str, ...]]] = None,
-                  return_weights: bool = False):
+                  return_weights: bool = False, return_lse: bool = False):
     """One softmax per row over the union of the parts' keys (+ an optional sink).
 
     The parts share one row max and one denominator, so the result equals
@@ -389,10 +395,14 @@ def joint_softmax(parts: Sequence[Part], n_rows: int, *, sinks: Optional[Array] 
       axis_name: the parts hold one shard's keys of rows shared across the named
         mesh axes (``shard_map``): the max and the sums are reduced over them.
       return_weights: also return each part's normalised weights ``[B, N, c, q, K]``.
+      return_lse: also return each row's log normaliser ``[B, N, n_rows]`` (float32):
+        the weight of a key with score s is ``exp(s - lse)``; 0 for an empty row.
 
     Returns:
-      ``out`` float32 ``[B, N, n_rows, H]`` (and the list of weights).
+      ``out`` float32 ``[B, N, n_rows, H]`` (and the list of weights, or lse).
     """
+    if return_weights and return_lse:
+        raise ValueError("return_weights and return_lse are exclusive")
     row_max = None
     for p in parts:
         m = _rows(jnp.max(p.scores, axis=-1), n_rows)
@@ -427,6 +437,8 @@ def joint_softmax(parts: Sequence[Part], n_rows: int, *, sinks: Optional[Array] 
     # Only an empty row has denom 0 (its output is 0); NaN stays NaN.
     denom = jnp.where(denom == 0, 1.0, denom)
     out = out / denom[..., None]
+    if return_lse:
+        return out, row_max + jnp.log(denom)
     if not return_weights:
         return out
     weights: List[Array] = []

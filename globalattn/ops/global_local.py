@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from globalattn.kernels import APPLY_NON_FINITE_RULE, KERNELS
-from globalattn.ops import core
+from globalattn.ops import chunked, core
 from globalattn.ops import validate as V
 from globalattn.ops.dense import Window, gather_global_positions
 
@@ -47,13 +47,15 @@ def default_block_q(seq_len: int, left: int, right: int) -> int:
 
     Each row of a block scores ``block_q + Lp + Rp`` keys of which it needs
     ``left + right + 1``: small blocks waste fewer flops, large blocks give
-    bigger matmuls and fewer slab copies. Measured on a 2-core CPU with window
-    (256, 256), T=4096: block 128 beat 64 and 256 for forward+backward
-    (experiments/bench.py). The block is the window rounded up to a power of
-    two, clamped to [8, 128], and never much longer than the sequence.
+    bigger matmuls and fewer slab copies; a block as long as the loop's chunk
+    (:data:`CHUNK_ROWS`) reads the chunk's key window as its slab, without a
+    copy. The block is the window rounded up to a power of two, clamped to
+    [8, 256], and never much longer than the sequence. Measured on a 2-core CPU
+    (window (256, 256), T = 8192, 64 globals, forward and gradients): block 256
+    took 338-373 ms of op time against 412-510 ms for block 128.
     """
     w = max(left, right, 1)
-    bq = min(128, max(8, 1 << (w - 1).bit_length()))
+    bq = min(256, max(8, 1 << (w - 1).bit_length()))
     return int(min(bq, max(8, 1 << (seq_len - 1).bit_length())))
 
 
@@ -239,11 +241,10 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
 
     The rows go through in chunks of about ``chunk_rows`` (whole query
     blocks, and whole BigBird blocks with random blocks), one ``lax.map`` step
-    each, rematerialised in the backward: every chunk's scores stay small
-    (cache-sized on a CPU) and none is kept for the backward. On a 2-core CPU
-    at T = 8192 (window 256, 64 globals) the forward got 1.4-1.7x and the
-    forward+backward 1.3-1.8x faster than scoring all rows at once, with a
-    third of the peak memory (results/bench.md).
+    each, with a hand-written backward (:mod:`globalattn.ops.chunked`): every
+    chunk's scores stay small (cache-sized on a CPU); the forward keeps only
+    each row's output and log normaliser, the backward recomputes a chunk's
+    scores and forms the gradients from them (results/bench.md).
     """
     B, T, N, H = args.q.shape
     left, right, pad, glob, G = (args.left, args.right, args.padding_mask, args.global_mask,
@@ -259,27 +260,19 @@ def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
 
     R = core.chunk_rows(T, bq if rb is None else math.lcm(bq, bs), chunk_rows)
     w = core.window_rows(qt, pad, kt, vt, pad, rows=R, left=left, right=right, block_q=bq)
+    random = None
     if rb is not None:  # draws of the padding rows' blocks: -1 selects no block
         rb = jnp.pad(rb, ((0, 0), (0, 0), (0, w.q.shape[2] // bs - rb.shape[2]), (0, 0)),
                      constant_values=-1)
+        random = (kt, vt, pad, glob, rb, bs)
+    columns = None
     if G > 0:
         gpos, gvalid, _ = gather_global_positions(glob, G)  # [B, G]
         gidx = gpos[:, None, :, None]
-        k_g = jnp.take_along_axis(kt, gidx, axis=2)  # [B, N, G, H]
-        v_g = jnp.take_along_axis(vt, gidx, axis=2)
-
-    def chunk(r0):
-        q_c, q_ok, parts = core.window_chunk(
-            w, r0, scale=scale, columns=(k_g, v_g, gpos, gvalid) if G > 0 else None,
-            is_causal=causal)
-        if rb is not None:
-            rb_c = jax.lax.dynamic_slice_in_dim(rb, r0 // bs, R // bs, 2)
-            parts.append(core.random_part(q_c, kt, vt, q_ok, pad, glob, rb_c, bs, row0=r0,
-                                          left=left, right=right, is_causal=causal,
-                                          scale=scale))
-        return core.joint_softmax(parts, R, sinks=args.sinks)  # [B, N, R, H] f32
-
-    out = core.over_row_chunks(chunk, T, R)  # [B, N, T, H]
+        columns = (jnp.take_along_axis(kt, gidx, axis=2), jnp.take_along_axis(vt, gidx, axis=2),
+                   gpos, gvalid)  # the global slots' keys and values [B, N, G, H]
+    out = chunked.window_attention(w, scale=scale, n_rows=T, sinks=args.sinks, columns=columns,
+                                   is_causal=causal, random=random)  # [B, N, T, H]
     out = jnp.transpose(out, (0, 2, 1, 3))  # [B, T, N, H]
 
     if G > 0:  # global rows: full attention for the G slots, written over

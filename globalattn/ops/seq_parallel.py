@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from globalattn.ops import core
+from globalattn.ops import chunked, core
 from globalattn.ops import validate as V
 from globalattn.ops.dense import Window
 from globalattn.ops.global_local import CHUNK_ROWS, default_block_q
@@ -138,13 +138,10 @@ def _shard_attention(q: Array, k: Array, v: Array, pad: Array, *extra: Array, cf
     w = core.window_rows(qz, pad, k_ext, v_ext, pad_ext, rows=R, left=left, right=right,
                          block_q=cfg.bq, halo=(left, right))
 
-    def chunk(r0):
-        _, _, parts = core.window_chunk(
-            w, r0, scale=scale, columns=(k_g, v_g, gpos, gvalid) if G > 0 else None,
-            pos0=base, is_causal=cfg.causal)
-        return core.joint_softmax(parts, R, sinks=sinks)  # [B, N, R, H]
-
-    out = jnp.swapaxes(core.over_row_chunks(chunk, C, R), 1, 2)  # [B, C, N, H]
+    out = chunked.window_attention(w, scale=scale, n_rows=C, sinks=sinks,
+                                   columns=(k_g, v_g, gpos, gvalid) if G > 0 else None,
+                                   pos0=base, is_causal=cfg.causal)  # [B, N, C, H]
+    out = jnp.swapaxes(out, 1, 2)  # [B, C, N, H]
 
     # ---- global rows: partial softmax per shard, combined by log-sum-exp --
     if G > 0:
