@@ -47,15 +47,19 @@ def default_block_q(seq_len: int, left: int, right: int) -> int:
 
     Each row of a block scores ``block_q + Lp + Rp`` keys of which it needs
     ``left + right + 1``: small blocks waste fewer flops, large blocks give
-    bigger matmuls and fewer slab copies; a block as long as the loop's chunk
-    (:data:`CHUNK_ROWS`) reads the chunk's key window as its slab, without a
-    copy. The block is the window rounded up to a power of two, clamped to
-    [8, 256], and never much longer than the sequence. Measured on a 2-core CPU
-    (window (256, 256), T = 8192, 64 globals, forward and gradients): block 256
-    took 338-373 ms of op time against 412-510 ms for block 128.
+    bigger matmuls. The block is the window rounded up to a power of two,
+    clamped to [8, 128], and never much longer than the sequence; a chunk of
+    the loop over rows (:data:`CHUNK_ROWS`) is then one block when the window
+    is 128 or more, and its key slab is the chunk's key window itself (no
+    copy). Measured on a 2-core CPU (window (256, 256), T = 8192, 64 globals,
+    forward and gradients, medians of 15 in one process): block 128 in chunks
+    of 128 rows 371-389 ms; block 256 in chunks of 256, 408-415 ms; block 128
+    in chunks of 256, 428 ms; block 64 in chunks of 64, 413 ms. Window 512:
+    chunks of 128 539 ms, of 256 569-655 ms; window 64: chunks of 128 300 ms,
+    of 256 279 ms (pass ``chunk_rows=`` to tune).
     """
     w = max(left, right, 1)
-    bq = min(256, max(8, 1 << (w - 1).bit_length()))
+    bq = min(128, max(8, 1 << (w - 1).bit_length()))
     return int(min(bq, max(8, 1 << (seq_len - 1).bit_length())))
 
 
@@ -228,7 +232,7 @@ def _finish(args: GlobalLocalArgs, out: Array) -> Array:
 
 
 # Rows per chunk of the 'xla' implementation (rounded to whole query blocks).
-CHUNK_ROWS = 256
+CHUNK_ROWS = 128
 
 
 def _xla_attention(args: GlobalLocalArgs, *, block_q: Optional[int],
