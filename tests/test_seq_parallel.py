@@ -90,6 +90,19 @@ def test_matches_single_device_forward_and_grads(num_devices, is_causal):
     assert np.all(np.asarray(got[0])[~np.asarray(kw["padding_mask"])] == 0)  # padded rows
 
 
+def test_sink_logit_gradients_match_single_device():
+    # The sink logits are the same on every device: their gradient sums all devices' rows.
+    (q, k, v, ct), kw, _ = _main_case(False)
+    sinks, base = kw["sinks"], {a: b for a, b in kw.items() if a != "sinks"}
+
+    def grad(fn):
+        return jax.jit(jax.grad(lambda s: jnp.vdot(fn(q, k, v, sinks=s, **base), ct)))(sinks)
+    want = grad(global_local_attention)
+    got = grad(functools.partial(sp_attention, mesh=make_mesh({"seq": 4}), chunk_rows=8))
+    assert np.abs(np.asarray(want)).min() > 1e-3
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
+
 @pytest.mark.parametrize("window", [0, (16, 3), (2, 16)])
 def test_windows_up_to_the_chunk(window):
     T, P_ = 64, 4
