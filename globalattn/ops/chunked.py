@@ -19,7 +19,6 @@ Measured on a 2-core CPU (``experiments/bench.py``, T = 8192, window 256,
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
@@ -41,22 +40,14 @@ def row_chunks(x: Array, axis: int, n: int, rows: int) -> Array:
     return jnp.moveaxis(x, axis, 0)
 
 
-def _part_rows(x: Array, c: int, q: int) -> Array:
-    """``[B, N, R, ...]`` rows -> the part layout ``[B, N, c, q, ...]`` (zero rows past R)."""
-    pad = c * q - x.shape[2]
-    if pad:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
-    return x.reshape(x.shape[:2] + (c, q) + x.shape[3:])
-
-
 def _part_grads(q: Array, k: Array, v: Array, mask: Array, lse: Array, dsum: Array,
                 dout: Array, scale: float):
     """Gradients of one part's ``(q, k, v)`` given its rows' ``lse``, ``rowsum(dO * out)``
     (``[B, N, R]``) and ``dO`` (``[B, N, R, H]``, float32)."""
     c, qn = q.shape[2:4]
-    lse_p = _part_rows(lse, c, qn)[..., None, :]  # [B, N, c, 1, q]
-    dsum_p = _part_rows(dsum, c, qn)[..., None, :]
-    do_p = _part_rows(dout, c, qn)
+    lse_p = core.unrows(lse, c, qn)[..., None, :]  # [B, N, c, 1, q]
+    dsum_p = core.unrows(dsum, c, qn)[..., None, :]
+    do_p = core.unrows(dout, c, qn)
     # Key-major ([..., K, q]): the gradients of K and V are then plain products
     # (measured on XLA:CPU: products that contract the first axis of both operands
     # ran at about half the speed).
