@@ -51,6 +51,7 @@ from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from globalattn.kernels import pallas_tpu_schedule as S
@@ -157,6 +158,11 @@ def _gather_rows_bwd(interpret, res, ct):
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _swap(need):
+    """The last two axes swapped, numpy (a static schedule) or jax alike."""
+    return (np if isinstance(need, np.ndarray) else jnp).swapaxes(need, -1, -2)
 
 
 def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
@@ -286,15 +292,15 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         ng = S.cdiv(G, bk)
         gpos_k = jnp.pad(gpos, ((0, 0), (0, ng * bk - G)))
         gvalid_k = jnp.pad(gvalid, ((0, 0), (0, ng * bk - G)))
-        # slot[b, t]: the global slot of position t, or -1.
-        slot = jnp.full((B, T), -1, jnp.int32).at[jnp.arange(B)[:, None],
-                                                  jnp.where(gvalid, gpos, T)].set(
-            jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G)), mode="drop")
-        slot_p = jnp.pad(slot, ((0, 0), (0, Tp - T)), constant_values=-1)  # [B, Tp]
+        # The first G globals fill the slots in position order: slot_p[b, t] = the
+        # slot of position t (its rank among the globals) or -1; before[b, t] = the
+        # number of slots at positions before t. One cumsum gives both.
+        rank = jnp.cumsum(glob_p, axis=1, dtype=jnp.int32) - 1  # [B, Tp]
+        slot_p = jnp.where(glob_p & (rank < G), rank, -1)
+        before = jnp.minimum(rank + 1 - glob_p.astype(jnp.int32), G)
         # The slots' K / V are gathered below without a gradient; the kernel adds
         # theirs back at these positions (slot_block: the slot block of each key
         # block's first global; positions ascend with the slot).
-        before = jnp.cumsum(slot_p >= 0, axis=1, dtype=jnp.int32) - (slot_p >= 0)
 
         def slot_table(pos, valid, seq_block, slot_block):
             return SlotTable(pos=pos, fold_pos=jnp.where(valid, pos, -1)[:, None, :],
@@ -335,22 +341,25 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     sched_bn = tuple(need_seq.shape[:2])
     need = need_seq
     if has_g:
-        # A global block is needed when some example has a valid slot in it
-        # (and, causally, when its first position precedes the query block's end).
-        first = jnp.min(jnp.where(gvalid_k, gpos_k, Tp), axis=0)[::bk]  # [ng]
-        gneed = (first < Tp)[None, :] & jnp.ones((nq, 1), bool)
+        # Every query block visits the ng global blocks (the capacity G is static;
+        # the kernel masks empty slots). Causally, a global block is needed only
+        # when its first position precedes the query block's end (positions ascend
+        # with the slot).
+        gneed = np.ones((nq, ng), bool)
         if causal:
-            gneed = gneed & (first[None, :] <= jnp.arange(nq)[:, None] * bq + bq - 1)
-        need = jnp.concatenate(
-            [jnp.broadcast_to(gneed, need_seq.shape[:2] + gneed.shape),
-             jnp.broadcast_to(need_seq, need_seq.shape[:2] + need_seq.shape[2:])], axis=-1)
+            first = jnp.min(jnp.where(gvalid_k, gpos_k, Tp), axis=0)[::bk]  # [ng]
+            gneed = first[None, :] <= jnp.arange(nq)[:, None] * bq + bq - 1
+        xp = np if isinstance(gneed, np.ndarray) and isinstance(need_seq, np.ndarray) else jnp
+        need = xp.concatenate(
+            [xp.broadcast_to(gneed, need_seq.shape[:2] + gneed.shape),
+             xp.broadcast_to(need_seq, need_seq.shape[:2] + need_seq.shape[2:])], axis=-1)
         length += ng
     nk = need.shape[-1]
     sched = S.lists_from_need(need, min(nk, length))
     tsched = []  # transposed lists: the global slots' (every query block), the sequence's
     if has_g:
-        tsched.append(S.lists_from_need(jnp.swapaxes(need[..., :ng], -1, -2), nq))
-    tsched.append(S.lists_from_need(jnp.swapaxes(need[..., ng:], -1, -2), min(nq, t_length)))
+        tsched.append(S.lists_from_need(_swap(need[..., :ng]), nq))
+    tsched.append(S.lists_from_need(_swap(need[..., ng:]), min(nq, t_length)))
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
                  n_rand=n_rand, row_code=True, sched_bn=sched_bn,
                  info_bn=tuple(qinfo.shape[:2]), info_heads=info_heads,
@@ -381,7 +390,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p, interpret), kg_src, vg_src)
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
-    need_g = (jnp.arange(nks) * bk < T)[None, :] & jnp.ones((nqg, 1), bool)
+    need_g = (np.arange(nks) * bk < T)[None, :] & np.ones((nqg, 1), bool)
     if causal:
         last = jnp.max(row_pos.reshape(B, nqg, bqg), axis=(0, 2))  # [nqg]
         need_g = need_g & (jnp.arange(nks)[None, :] * bk <= last[:, None])
@@ -392,7 +401,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
                    heads_first=heads_first, non_finite_rule=not rule_here,
                    interpret=interpret)
     glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
-                     (S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg),))
+                     (S.lists_from_need(_swap(need_g), nqg),))
     # The slots' rows (zero in empty slots), gathered without a gradient of their own:
     # the kernel attributes it to q, k, v at their positions.
     take = lambda x, pos, valid: _take_rows(lax.stop_gradient(x), pos, valid, interpret)  # noqa: E731

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -217,6 +218,36 @@ def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globa
     return fixed, qinfo, sinks, rest
 
 
+class _View:
+    """One list of a packed scalar table (:func:`_pack`): ``view[x]`` reads ``ref[offset + x]``."""
+
+    def __init__(self, ref, offset: int):
+        self.ref, self.offset = ref, offset
+
+    def __getitem__(self, index):
+        return self.ref[index + self.offset]
+
+
+def _pack(*lists) -> Array:
+    """Int32 lists one after another in one flat scalar-prefetch table: one operand (and
+    one copy into the kernel's scalar memory) per call instead of one per list. A static
+    schedule (numpy lists) packs into a numpy constant."""
+    xp = np if all(isinstance(x, np.ndarray) for x in lists) else jnp
+    return xp.concatenate([xp.reshape(x, (-1,)).astype(np.int32) for x in lists])
+
+
+def _views(ref, sizes) -> Tuple[_View, ...]:
+    """Views of the lists of sizes ``sizes`` packed by :func:`_pack` into ``ref``."""
+    offsets = np.cumsum([0, *sizes[:-1]])
+    return tuple(_View(ref, int(o)) for o in offsets)
+
+
+def _fwd_views(cfg: Config, ref, nq: int, L: int) -> Tuple[_View, ...]:
+    """``(ids, count, kseq, kglob)`` of a forward table packed by :func:`_prefetch`."""
+    n_rows = cfg.sched_bn[0] * cfg.sched_bn[1] * nq
+    return _views(ref, (n_rows * L, n_rows, n_rows * L, n_rows * L))
+
+
 def _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, seq_refs, glob_refs):
     """Runs ``step`` on the global-slot or the sequence block that list entry j names."""
     live = j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nq, i)]
@@ -261,11 +292,13 @@ def _kv_specs(cfg: Config, nq: int, L: int):
     """
     sb, bk = cfg.sched_bn, cfg.bk
 
-    def seq_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
-        return (b, kseq_ref[_flat(sb, b, n, nq, i, L, j)], n)
+    def seq_map(b, n, i, j, table_ref, *_):
+        kseq = _fwd_views(cfg, table_ref, nq, L)[2]
+        return (b, kseq[_flat(sb, b, n, nq, i, L, j)], n)
 
-    def glob_map(b, n, i, j, ids_ref, cnt_ref, kseq_ref, kglob_ref, *_):
-        return (b, kglob_ref[_flat(sb, b, n, nq, i, L, j)], n)
+    def glob_map(b, n, i, j, table_ref, *_):
+        kglob = _fwd_views(cfg, table_ref, nq, L)[3]
+        return (b, kglob[_flat(sb, b, n, nq, i, L, j)], n)
 
     seq = [_spec(cfg, bk, seq_map)] * 2
     glob = [_spec(cfg, bk, glob_map)] * 2 if cfg.n_global_blocks else []
@@ -273,21 +306,23 @@ def _kv_specs(cfg: Config, nq: int, L: int):
 
 
 def split_lists(ids: Array, n_global_blocks: int) -> Tuple[Array, Array]:
-    """Per-input block lists from a forward list over ``[global slots ; sequence]`` blocks."""
-    ng = n_global_blocks
+    """Per-input block lists from a forward list over ``[global slots ; sequence]`` blocks
+    (numpy lists give numpy lists)."""
+    xp = np if isinstance(ids, np.ndarray) else jnp
+    ng, big = n_global_blocks, np.iinfo(np.int32).max
     is_seq = ids >= ng
-    first_seq = jnp.min(jnp.where(is_seq, ids, jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
-    first_seq = jnp.where(first_seq == jnp.iinfo(jnp.int32).max, ng, first_seq)
-    kseq = jnp.where(is_seq, ids, first_seq) - ng
-    last_glob = jnp.max(jnp.where(is_seq, -1, ids), axis=-1, keepdims=True)
-    kglob = jnp.where(is_seq, jnp.maximum(last_glob, 0), ids)
-    return kseq.astype(jnp.int32), kglob.astype(jnp.int32)
+    first_seq = xp.min(xp.where(is_seq, ids, big), axis=-1, keepdims=True)
+    first_seq = xp.where(first_seq == big, ng, first_seq)
+    kseq = xp.where(is_seq, ids, first_seq) - ng
+    last_glob = xp.max(xp.where(is_seq, -1, ids), axis=-1, keepdims=True)
+    kglob = xp.where(is_seq, xp.maximum(last_glob, 0), ids)
+    return kseq.astype(np.int32), kglob.astype(np.int32)
 
 
 def _prefetch(ids: Array, cnt: Array, cfg: Config):
-    """The forward-schedule scalars: ids, counts and the per-input lists of :func:`split_lists`."""
-    return [ids.reshape(-1), cnt.reshape(-1),
-            *(x.reshape(-1) for x in split_lists(ids, cfg.n_global_blocks))]
+    """The forward-schedule scalars packed in one table (:func:`_fwd_views`): ids, counts
+    and the per-input lists of :func:`split_lists`."""
+    return [_pack(ids, cnt, *split_lists(ids, cfg.n_global_blocks))]
 
 
 # ---------------------------------------------------------------------------
@@ -398,8 +433,8 @@ def _n_fold_blocks(fold: Optional[Fold]) -> int:
 # ---------------------------------------------------------------------------
 # Forward.
 # ---------------------------------------------------------------------------
-def _fwd_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
-                scale: float, n_fold: int):
+def _fwd_kernel(table_ref, *refs, cfg: Config, nq: int, L: int, scale: float, n_fold: int):
+    ids_ref, cnt_ref = _fwd_views(cfg, table_ref, nq, L)[:2]
     sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, sinks_ref, rest = _split(cfg, refs, 4, with_sinks=True, with_globals=True)
     q_ref, k_ref, v_ref, kinfo_ref = fixed[:4]
@@ -489,8 +524,9 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
     scale = 1.0 / math.sqrt(cfg.head_dim)
     sb = cfg.sched_bn
 
-    def kinfo_map(b, n, i, j, ids_ref, *_):
-        return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
+    def kinfo_map(b, n, i, j, table_ref, *_):
+        ids = _fwd_views(cfg, table_ref, nq, L)[0]
+        return (b, 0, ids[_flat(sb, b, n, nq, i, L, j)])
 
     def qmap(b, n, i, j, *_):
         return (b, i, n)
@@ -506,7 +542,7 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
     out_specs = [_spec(cfg, bq, qmap),
                  pl.BlockSpec((None, None, hb, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=1 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((hb, bq, _LANES), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32),
@@ -574,8 +610,8 @@ def _row_dots(cfg: Config, out: Array, do: Array, qinfo) -> Array:
     )(*args)
 
 
-def _dq_kernel(ids_ref, cnt_ref, kseq_ref, kglob_ref, *refs, cfg: Config, nq: int, L: int,
-               scale: float, n_fold: int):
+def _dq_kernel(table_ref, *refs, cfg: Config, nq: int, L: int, scale: float, n_fold: int):
+    ids_ref, cnt_ref = _fwd_views(cfg, table_ref, nq, L)[:2]
     sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
     q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_in_ref, do_ref = fixed[:7]
@@ -635,8 +671,9 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
     nq, L = ids.shape[-2], ids.shape[-1]
     sb = cfg.sched_bn
 
-    def kinfo_map(b, n, i, j, ids_ref, *_):
-        return (b, 0, ids_ref[_flat(sb, b, n, nq, i, L, j)])
+    def kinfo_map(b, n, i, j, table_ref, *_):
+        ids = _fwd_views(cfg, table_ref, nq, L)[0]
+        return (b, 0, ids[_flat(sb, b, n, nq, i, L, j)])
 
     def qmap(b, n, i, j, *_):
         return (b, i, n)
@@ -655,7 +692,7 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=1 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
         out_specs=_spec(cfg, bq, qmap),
         scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32)])
@@ -681,9 +718,10 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
 # ---------------------------------------------------------------------------
 def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_blocks: int,
                 add: bool):
-    n_prefetch = 3 if n_fold_blocks else 2
-    ids_ref, cnt_ref = refs[:2]
-    sblk_ref = refs[2] if n_fold_blocks else None
+    n_prefetch = 2 if n_fold_blocks else 1
+    n_rows = cfg.sched_bn[0] * cfg.sched_bn[1] * nkg
+    ids_ref, cnt_ref = _views(refs[0], (n_rows * Lt, n_rows))
+    sblk_ref = refs[1] if n_fold_blocks else None
     (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
         cfg, refs[n_prefetch:], 7)
     fold_refs, rest = rest[:6 if n_fold_blocks else 0], rest[6 if n_fold_blocks else 0:]
@@ -757,10 +795,10 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     Ng = _groups(cfg, q)
     nkg, Lt = ids.shape[-2], ids.shape[-1]
     sb = cfg.sched_bn
-    n_pre = 3 if fold is not None else 2
+    n_pre = 2 if fold is not None else 1
 
-    def qb_of(b, n, kb, j, ids_ref, *_):
-        return ids_ref[_flat(sb, b, n, nkg, kb, Lt, j)]
+    def qb_of(b, n, kb, j, table_ref, *_):  # the table: _pack(ids, cnt)
+        return table_ref[_flat(sb, b, n, nkg, kb, Lt, j)]
 
     def qmap(b, n, kb, j, *pre):
         return (b, qb_of(b, n, kb, j, *pre), n)
@@ -812,7 +850,7 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
         input_output_aliases=aliases,
-    )(ids.reshape(-1), cnt.reshape(-1), *_fold_prefetch(fold), *args)
+    )(_pack(ids, cnt), *_fold_prefetch(fold), *args)
 
 
 # ---------------------------------------------------------------------------

@@ -20,10 +20,11 @@ sequence (attended through its global slot, or its window), 3 = a global slot
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -36,27 +37,32 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def lists_from_need(need: Array, length: int) -> Tuple[Array, Array]:
+def lists_from_need(need: Union[Array, np.ndarray], length: int) -> Tuple[Array, Array]:
     """Compact each row of a bool ``[..., R, C]`` matrix into a block list.
 
     Returns ``(ids [..., R, length] int32, count [..., R] int32)``: the True
     columns of each row in ascending order, then the last of them repeated.
     ``length`` must be >= every row's count (callers pass a proven bound);
-    rows with no True column get count 0 and ids 0.
+    rows with no True column get count 0 and ids 0. A numpy ``need`` (a
+    schedule that does not depend on the data) gives numpy lists, built at
+    trace time: constants of the program rather than ops in it.
     """
     if length > need.shape[-1]:
         raise ValueError(f"list length {length} exceeds the {need.shape[-1]} columns")
-    order = jnp.argsort(~need, axis=-1, stable=True)[..., :length].astype(jnp.int32)
-    count = jnp.sum(need, axis=-1, dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    ids = jnp.where(jnp.arange(length) < count[..., None], order, last)
+    xp = np if isinstance(need, np.ndarray) else jnp
+    order = xp.argsort(~need, axis=-1, stable=True)[..., :length].astype(np.int32)
+    count = xp.sum(need, axis=-1, dtype=np.int32)
+    last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
+    ids = xp.where(np.arange(length) < count[..., None], order, last)
+    if xp is np and int(count.max(initial=0)) > length:
+        raise ValueError(f"a row needs {int(count.max())} blocks, more than the list length {length}")
     return ids, count
 
 
-def band_need(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int) -> Array:
+def band_need(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int) -> np.ndarray:
     """``[nq, nk]``: key block kb holds a key in the window of some row of query block qb."""
-    qb = jnp.arange(nq)[:, None]
-    kb = jnp.arange(nk)[None, :]
+    qb = np.arange(nq)[:, None]
+    kb = np.arange(nk)[None, :]
     lo = qb * bq - left
     hi = qb * bq + bq - 1 + right
     return (kb * bk <= hi) & (kb * bk + bk - 1 >= lo) & (kb * bk < T) & (qb * bq < T)
@@ -67,12 +73,12 @@ def band_bound(bq: int, bk: int, left: int, right: int) -> int:
     return cdiv(bq + left + right, bk) + 1
 
 
-def _overlap(n_outer: int, b_outer: int, n_inner: int, b_inner: int, T: int) -> Array:
+def _overlap(n_outer: int, b_outer: int, n_inner: int, b_inner: int, T: int) -> np.ndarray:
     """``[n_outer, n_inner]`` float: block o (size b_outer) overlaps block i (size b_inner) below T."""
-    o = jnp.arange(n_outer)[:, None]
-    i = jnp.arange(n_inner)[None, :]
+    o = np.arange(n_outer)[:, None]
+    i = np.arange(n_inner)[None, :]
     hit = (i * b_inner <= o * b_outer + b_outer - 1) & (i * b_inner + b_inner - 1 >= o * b_outer)
-    return (hit & (i * b_inner < T) & (o * b_outer < T)).astype(jnp.float32)
+    return (hit & (i * b_inner < T) & (o * b_outer < T)).astype(np.float32)
 
 
 def random_ids(random_blocks: Array, T: int, block_size: int) -> Array:
@@ -103,9 +109,9 @@ def random_bound(bq: int, bk: int, block_size: int, r: int) -> int:
     return per_q * r * per_k
 
 
-def causal_need(nq: int, bq: int, nk: int, bk: int) -> Array:
+def causal_need(nq: int, bq: int, nk: int, bk: int) -> np.ndarray:
     """``[nq, nk]``: some key of kb is at or before the last row of qb."""
-    return jnp.arange(nk)[None, :] * bk <= jnp.arange(nq)[:, None] * bq + bq - 1
+    return np.arange(nk)[None, :] * bk <= np.arange(nq)[:, None] * bq + bq - 1
 
 
 def row_random_ids(rb: Array, T: int, Tp: int, block_size: int) -> Array:
