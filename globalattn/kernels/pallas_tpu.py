@@ -51,7 +51,6 @@ from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from globalattn.kernels import pallas_tpu_schedule as S
@@ -158,11 +157,6 @@ def _gather_rows_bwd(interpret, res, ct):
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
-def _swap(need):
-    """The last two axes swapped, numpy (a static schedule) or jax alike."""
-    return (np if isinstance(need, np.ndarray) else jnp).swapaxes(need, -1, -2)
 
 
 def pallas_tpu_attention(args, *, block_q: Optional[int] = None, block_k: Optional[int] = None,
@@ -339,27 +333,33 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         length += S.random_bound(bq, bk, args.block_size, n_rand)
         t_length = nq  # any number of query blocks may draw one key block
     sched_bn = tuple(need_seq.shape[:2])
-    need = need_seq
-    if has_g:
-        # Every query block visits the ng global blocks (the capacity G is static;
-        # the kernel masks empty slots). Causally, a global block is needed only
-        # when its first position precedes the query block's end (positions ascend
-        # with the slot).
-        gneed = np.ones((nq, ng), bool)
-        if causal:
-            first = jnp.min(jnp.where(gvalid_k, gpos_k, Tp), axis=0)[::bk]  # [ng]
-            gneed = first[None, :] <= jnp.arange(nq)[:, None] * bq + bq - 1
-        xp = np if isinstance(gneed, np.ndarray) and isinstance(need_seq, np.ndarray) else jnp
-        need = xp.concatenate(
-            [xp.broadcast_to(gneed, need_seq.shape[:2] + gneed.shape),
-             xp.broadcast_to(need_seq, need_seq.shape[:2] + need_seq.shape[2:])], axis=-1)
-        length += ng
-    nk = need.shape[-1]
-    sched = S.lists_from_need(need, min(nk, length))
+    # Every query block visits the ng global blocks (the capacity G is static; the
+    # kernel masks empty slots). Causally, a global block is needed only when its
+    # first position precedes the query block's end (positions ascend with the slot).
+    gneed = None
+    if has_g and causal:
+        first = jnp.min(jnp.where(gvalid_k, gpos_k, Tp), axis=0)[::bk]  # [ng]
+        gneed = first[None, :] <= jnp.arange(nq)[:, None] * bq + bq - 1
+    length = min(ng + nks, ng + length)
+    t_length = min(nq, t_length)
+    # Lists that do not depend on the data (no random blocks; globals not causal) are
+    # computed by the kernels from the grid indices (S.IntervalLists): no table.
     tsched = []  # transposed lists: the global slots' (every query block), the sequence's
+    if rb is None and gneed is None:
+        sched = (S.band_lists(nq, bq, nks, bk, left, right, T, length, prefix=ng), None)
+    else:
+        need = need_seq
+        if has_g:
+            g = jnp.ones((nq, ng), bool) if gneed is None else gneed
+            need = jnp.concatenate([jnp.broadcast_to(g, need_seq.shape[:2] + g.shape),
+                                    jnp.broadcast_to(need_seq, need_seq.shape)], axis=-1)
+        sched = S.lists_from_need(need, length)
     if has_g:
-        tsched.append(S.lists_from_need(_swap(need[..., :ng]), nq))
-    tsched.append(S.lists_from_need(_swap(need[..., ng:]), min(nq, t_length)))
+        tsched.append((S.full_lists(ng, bk, nq, nq), None) if gneed is None
+                      else S.lists_from_need(
+                          jnp.broadcast_to(gneed.T, need_seq.shape[:2] + (ng, nq)), nq))
+    tsched.append((S.band_lists_t(nq, bq, nks, bk, left, right, T, t_length), None)
+                  if rb is None else S.lists_from_need(jnp.swapaxes(need_seq, -1, -2), t_length))
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
                  n_rand=n_rand, row_code=True, sched_bn=sched_bn,
                  info_bn=tuple(qinfo.shape[:2]), info_heads=info_heads,
@@ -390,18 +390,21 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         qkv_g = (_gather_rows(qg_src, gpos_q, gvalid_q, slot_p, interpret), kg_src, vg_src)
     row_pos = jnp.where(gvalid_q, gpos_q, -1)
     qinfo_g = row_pos[:, None, None, :].astype(jnp.int32)  # [B, 1, 1, Gq]
-    need_g = (np.arange(nks) * bk < T)[None, :] & np.ones((nqg, 1), bool)
-    if causal:
+    if causal:  # a block of global rows needs the key blocks up to its last row
         last = jnp.max(row_pos.reshape(B, nqg, bqg), axis=(0, 2))  # [nqg]
-        need_g = need_g & (jnp.arange(nks)[None, :] * bk <= last[:, None])
-    need_g = need_g[None, None]
+        need_g = (jnp.arange(nks)[None, :] * bk <= last[:, None]) & (jnp.arange(nks) * bk < T)
+        need_g = need_g[None, None]
+        g_sched = S.lists_from_need(need_g, nks)
+        g_tsched = S.lists_from_need(jnp.swapaxes(need_g, -1, -2), nqg)
+    else:  # every real key
+        g_sched = (S.full_lists(nqg, bqg, S.cdiv(T, bk), nks), None)
+        g_tsched = (S.full_lists(nks, bk, nqg, nqg, rows_below=T), None)
     cfg_g = Config(bq=bqg, bk=bk, left=left, right=right, causal=causal, full_rows=True,
                    n_rand=0, row_code=False, sched_bn=(1, 1), info_bn=(B, 1), info_heads=1,
                    has_sinks=has_sinks, n_global_blocks=0, heads=hb, head_dim=H,
                    heads_first=heads_first, non_finite_rule=not rule_here,
                    interpret=interpret)
-    glob_pass = Pass(seq_info, qinfo_g, S.lists_from_need(need_g, nks),
-                     (S.lists_from_need(_swap(need_g), nqg),))
+    glob_pass = Pass(seq_info, qinfo_g, g_sched, (g_tsched,))
     # The slots' rows (zero in empty slots), gathered without a gradient of their own:
     # the kernel attributes it to q, k, v at their positions.
     take = lambda x, pos, valid: _take_rows(lax.stop_gradient(x), pos, valid, interpret)  # noqa: E731

@@ -38,7 +38,6 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -218,43 +217,59 @@ def _split(cfg: Config, refs, n_fixed: int, with_sinks: bool = False, with_globa
     return fixed, qinfo, sinks, rest
 
 
-class _View:
-    """One list of a packed scalar table (:func:`_pack`): ``view[x]`` reads ``ref[offset + x]``."""
-
-    def __init__(self, ref, offset: int):
-        self.ref, self.offset = ref, offset
-
-    def __getitem__(self, index):
-        return self.ref[index + self.offset]
-
-
 def _pack(*lists) -> Array:
-    """Int32 lists one after another in one flat scalar-prefetch table: one operand (and
-    one copy into the kernel's scalar memory) per call instead of one per list. A static
-    schedule (numpy lists) packs into a numpy constant."""
-    xp = np if all(isinstance(x, np.ndarray) for x in lists) else jnp
-    return xp.concatenate([xp.reshape(x, (-1,)).astype(np.int32) for x in lists])
+    """Int32 lists one after another in one flat scalar-prefetch table: one operand per call."""
+    return jnp.concatenate([jnp.reshape(x, (-1,)).astype(jnp.int32) for x in lists])
 
 
-def _views(ref, sizes) -> Tuple[_View, ...]:
-    """Views of the lists of sizes ``sizes`` packed by :func:`_pack` into ``ref``."""
-    offsets = np.cumsum([0, *sizes[:-1]])
-    return tuple(_View(ref, int(o)) for o in offsets)
+class _Lists:
+    """One call's block lists: ``ids[row, j]`` (the j-th block row ``row`` visits) and
+    ``count[row]``; for a forward pass also the per-input lists of :func:`split_lists`.
+
+    From arrays ``(ids [B', N', R, L], count [B', N', R])`` they are packed into one
+    scalar-prefetch table (:func:`_pack`) read through the prefetch refs ``pre``;
+    from :class:`pallas_tpu_schedule.IntervalLists` (``count`` None) they are
+    computed from the indices, with no operand at all.
+    """
+
+    def __init__(self, cfg: Config, ids, cnt, split: bool):
+        self.closed = ids if isinstance(ids, S.IntervalLists) else None
+        self.sb = cfg.sched_bn
+        if self.closed is not None:
+            self.n_rows, self.length = self.closed.n_rows, self.closed.length
+            self.operands = []
+            return
+        self.n_rows, self.length = ids.shape[-2], ids.shape[-1]
+        extra = split_lists(ids, cfg.n_global_blocks) if split else ()
+        self.operands = [_pack(ids, cnt, *extra)]
+        n_ids = ids.size
+        self._at = (0, n_ids, n_ids + cnt.size, 2 * n_ids + cnt.size)
+
+    def _read(self, pre, which: int, b, n, r, j):
+        return pre[0][self._at[which] + _flat(self.sb, b, n, self.n_rows, r, self.length, j)]
+
+    def ids(self, pre, b, n, r, j):
+        return self.closed.ids(r, j) if self.closed else self._read(pre, 0, b, n, r, j)
+
+    def count(self, pre, b, n, r):
+        if self.closed:
+            return self.closed.count(r)
+        return pre[0][self._at[1] + _flat(self.sb, b, n, 1, 0, self.n_rows, r)]
+
+    def seq_ids(self, pre, b, n, r, j):
+        return self.closed.seq_ids(r, j) if self.closed else self._read(pre, 2, b, n, r, j)
+
+    def prefix_ids(self, pre, b, n, r, j):
+        return self.closed.prefix_ids(r, j) if self.closed else self._read(pre, 3, b, n, r, j)
 
 
-def _fwd_views(cfg: Config, ref, nq: int, L: int) -> Tuple[_View, ...]:
-    """``(ids, count, kseq, kglob)`` of a forward table packed by :func:`_prefetch`."""
-    n_rows = cfg.sched_bn[0] * cfg.sched_bn[1] * nq
-    return _views(ref, (n_rows * L, n_rows, n_rows * L, n_rows * L))
-
-
-def _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, seq_refs, glob_refs):
+def _dispatch(cfg, lists: _Lists, pre, b, n, i, j, step, seq_refs, glob_refs):
     """Runs ``step`` on the global-slot or the sequence block that list entry j names."""
-    live = j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nq, i)]
+    live = j < lists.count(pre, b, n, i)
     if not cfg.n_global_blocks:
         pl.when(live)(lambda: step(*seq_refs))
         return
-    is_glob = ids_ref[_flat(cfg.sched_bn, b, n, nq, i, L, j)] < cfg.n_global_blocks
+    is_glob = lists.ids(pre, b, n, i, j) < cfg.n_global_blocks
     pl.when(live & is_glob)(lambda: step(*glob_refs))
     pl.when(live & jnp.logical_not(is_glob))(lambda: step(*seq_refs))
 
@@ -282,7 +297,7 @@ def _length(cfg: Config, x: Array) -> int:
     return x.shape[2] if cfg.heads_first else x.shape[1]
 
 
-def _kv_specs(cfg: Config, nq: int, L: int):
+def _kv_specs(cfg: Config, lists: _Lists):
     """BlockSpecs of (K, V) and, with globals, (K_glob, V_glob) along the forward lists.
 
     The sequence inputs follow ``kseq`` (the list with global entries replaced
@@ -290,39 +305,27 @@ def _kv_specs(cfg: Config, nq: int, L: int):
     entries replaced by the last global block), so neither refetches a block
     while the other one is in use.
     """
-    sb, bk = cfg.sched_bn, cfg.bk
+    def seq_map(b, n, i, j, *pre):
+        return (b, lists.seq_ids(pre, b, n, i, j), n)
 
-    def seq_map(b, n, i, j, table_ref, *_):
-        kseq = _fwd_views(cfg, table_ref, nq, L)[2]
-        return (b, kseq[_flat(sb, b, n, nq, i, L, j)], n)
+    def glob_map(b, n, i, j, *pre):
+        return (b, lists.prefix_ids(pre, b, n, i, j), n)
 
-    def glob_map(b, n, i, j, table_ref, *_):
-        kglob = _fwd_views(cfg, table_ref, nq, L)[3]
-        return (b, kglob[_flat(sb, b, n, nq, i, L, j)], n)
-
-    seq = [_spec(cfg, bk, seq_map)] * 2
-    glob = [_spec(cfg, bk, glob_map)] * 2 if cfg.n_global_blocks else []
+    seq = [_spec(cfg, cfg.bk, seq_map)] * 2
+    glob = [_spec(cfg, cfg.bk, glob_map)] * 2 if cfg.n_global_blocks else []
     return seq, glob
 
 
 def split_lists(ids: Array, n_global_blocks: int) -> Tuple[Array, Array]:
-    """Per-input block lists from a forward list over ``[global slots ; sequence]`` blocks
-    (numpy lists give numpy lists)."""
-    xp = np if isinstance(ids, np.ndarray) else jnp
-    ng, big = n_global_blocks, np.iinfo(np.int32).max
+    """Per-input block lists from a forward list over ``[global slots ; sequence]`` blocks."""
+    ng = n_global_blocks
     is_seq = ids >= ng
-    first_seq = xp.min(xp.where(is_seq, ids, big), axis=-1, keepdims=True)
-    first_seq = xp.where(first_seq == big, ng, first_seq)
-    kseq = xp.where(is_seq, ids, first_seq) - ng
-    last_glob = xp.max(xp.where(is_seq, -1, ids), axis=-1, keepdims=True)
-    kglob = xp.where(is_seq, xp.maximum(last_glob, 0), ids)
-    return kseq.astype(np.int32), kglob.astype(np.int32)
-
-
-def _prefetch(ids: Array, cnt: Array, cfg: Config):
-    """The forward-schedule scalars packed in one table (:func:`_fwd_views`): ids, counts
-    and the per-input lists of :func:`split_lists`."""
-    return [_pack(ids, cnt, *split_lists(ids, cfg.n_global_blocks))]
+    first_seq = jnp.min(jnp.where(is_seq, ids, jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
+    first_seq = jnp.where(first_seq == jnp.iinfo(jnp.int32).max, ng, first_seq)
+    kseq = jnp.where(is_seq, ids, first_seq) - ng
+    last_glob = jnp.max(jnp.where(is_seq, -1, ids), axis=-1, keepdims=True)
+    kglob = jnp.where(is_seq, jnp.maximum(last_glob, 0), ids)
+    return kseq.astype(jnp.int32), kglob.astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -433,8 +436,9 @@ def _n_fold_blocks(fold: Optional[Fold]) -> int:
 # ---------------------------------------------------------------------------
 # Forward.
 # ---------------------------------------------------------------------------
-def _fwd_kernel(table_ref, *refs, cfg: Config, nq: int, L: int, scale: float, n_fold: int):
-    ids_ref, cnt_ref = _fwd_views(cfg, table_ref, nq, L)[:2]
+def _fwd_kernel(*refs, cfg: Config, lists: _Lists, scale: float, n_fold: int):
+    pre, refs = refs[:len(lists.operands)], refs[len(lists.operands):]
+    nq, L = lists.n_rows, lists.length
     sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, sinks_ref, rest = _split(cfg, refs, 4, with_sinks=True, with_globals=True)
     q_ref, k_ref, v_ref, kinfo_ref = fixed[:4]
@@ -478,7 +482,7 @@ def _fwd_kernel(table_ref, *refs, cfg: Config, nq: int, L: int, scale: float, n_
             l_ref[h] = jnp.broadcast_to(l_new, l_ref.shape[1:])
         acc_ref[...] = acc
 
-    _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[4:])
+    _dispatch(cfg, lists, pre, b, n, i, j, step, (k_ref, v_ref), fixed[4:])
 
     @pl.when(j == L - 1)
     def _finish():
@@ -520,20 +524,19 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
     B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
-    nq, L = ids.shape[-2], ids.shape[-1]
+    lists = _Lists(cfg, ids, cnt, split=True)
+    nq, L = lists.n_rows, lists.length
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    sb = cfg.sched_bn
 
-    def kinfo_map(b, n, i, j, table_ref, *_):
-        ids = _fwd_views(cfg, table_ref, nq, L)[0]
-        return (b, 0, ids[_flat(sb, b, n, nq, i, L, j)])
+    def kinfo_map(b, n, i, j, *pre):
+        return (b, 0, lists.ids(pre, b, n, i, j))
 
     def qmap(b, n, i, j, *_):
         return (b, i, n)
 
     extra_specs, extra = _common_specs(cfg, qinfo, sinks if cfg.has_sinks else None,
                                        lambda b, n, i, j, *_: (b, n, i))
-    seq_specs, glob_specs = _kv_specs(cfg, nq, L)
+    seq_specs, glob_specs = _kv_specs(cfg, lists)
     fold_specs, fold_args = _fold_specs(cfg, fold, nq)
     in_specs = ([_spec(cfg, bq, qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map)] + glob_specs + extra_specs
@@ -542,12 +545,12 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
     out_specs = [_spec(cfg, bq, qmap),
                  pl.BlockSpec((None, None, hb, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=len(lists.operands) + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((hb, bq, _LANES), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, W), jnp.float32)])
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, nq=nq, L=L, scale=scale,
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, lists=lists, scale=scale,
                                n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=4 * B * Ng * hb * nq * L * bq * bk * cfg.head_dim,
@@ -559,7 +562,7 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_fwd",
-    )(*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold), q, k, v, kinfo, *glob_args, *extra,
+    )(*lists.operands, *_fold_prefetch(fold), q, k, v, kinfo, *glob_args, *extra,
       *fold_args)
     return out, lse
 
@@ -610,8 +613,9 @@ def _row_dots(cfg: Config, out: Array, do: Array, qinfo) -> Array:
     )(*args)
 
 
-def _dq_kernel(table_ref, *refs, cfg: Config, nq: int, L: int, scale: float, n_fold: int):
-    ids_ref, cnt_ref = _fwd_views(cfg, table_ref, nq, L)[:2]
+def _dq_kernel(*refs, cfg: Config, lists: _Lists, scale: float, n_fold: int):
+    pre, refs = refs[:len(lists.operands)], refs[len(lists.operands):]
+    nq, L = lists.n_rows, lists.length
     sblk_ref, refs = (refs[0], refs[1:]) if n_fold else (None, refs)
     fixed, qinfo_ref, _, rest = _split(cfg, refs, 7, with_globals=True)
     q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_in_ref, do_ref = fixed[:7]
@@ -647,7 +651,7 @@ def _dq_kernel(table_ref, *refs, cfg: Config, nq: int, L: int, scale: float, n_f
             acc = _put(cfg, acc, acc + dqh, h)
         acc_ref[...] = acc
 
-    _dispatch(cfg, ids_ref, cnt_ref, b, n, i, j, nq, L, step, (k_ref, v_ref), fixed[7:])
+    _dispatch(cfg, lists, pre, b, n, i, j, step, (k_ref, v_ref), fixed[7:])
 
     @pl.when(j == L - 1)
     def _finish():
@@ -668,12 +672,11 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
     B, Tq = q.shape[0], _length(cfg, q)
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
-    nq, L = ids.shape[-2], ids.shape[-1]
-    sb = cfg.sched_bn
+    lists = _Lists(cfg, ids, cnt, split=True)
+    nq, L = lists.n_rows, lists.length
 
-    def kinfo_map(b, n, i, j, table_ref, *_):
-        ids = _fwd_views(cfg, table_ref, nq, L)[0]
-        return (b, 0, ids[_flat(sb, b, n, nq, i, L, j)])
+    def kinfo_map(b, n, i, j, *pre):
+        return (b, 0, lists.ids(pre, b, n, i, j))
 
     def qmap(b, n, i, j, *_):
         return (b, i, n)
@@ -682,7 +685,7 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
         return (b, n, 0, i)
 
     extra_specs, extra = _common_specs(cfg, qinfo, None, lambda b, n, i, j, *_: (b, n, i))
-    seq_specs, glob_specs = _kv_specs(cfg, nq, L)
+    seq_specs, glob_specs = _kv_specs(cfg, lists)
     fold_specs, fold_args = _fold_specs(cfg, fold, nq)
     in_specs = ([_spec(cfg, bq, qmap)] + seq_specs
                 + [pl.BlockSpec((None, 3, bk), kinfo_map),
@@ -692,17 +695,17 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1 + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=len(lists.operands) + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
         out_specs=_spec(cfg, bq, qmap),
         scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32)])
-    kernel = functools.partial(_dq_kernel, cfg=cfg, nq=nq, L=L,
+    kernel = functools.partial(_dq_kernel, cfg=cfg, lists=lists,
                                scale=1.0 / math.sqrt(cfg.head_dim), n_fold=_n_fold_blocks(fold))
     isz = q.dtype.itemsize
     cost = pl.CostEstimate(flops=6 * B * Ng * hb * nq * L * bq * bk * cfg.head_dim,
                            transcendentals=B * Ng * hb * nq * L * bq * bk,
                            bytes_accessed=isz * B * Ng * (3 * Tq * W + 2 * nq * L * bk * W))
-    prefetch = [*_prefetch(ids, cnt, cfg), *_fold_prefetch(fold)]
+    prefetch = [*lists.operands, *_fold_prefetch(fold)]
     return pl.pallas_call(
         kernel, grid_spec=grid_spec,
         out_shape=_out(q.shape, q.dtype, q),
@@ -716,12 +719,12 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
 # ---------------------------------------------------------------------------
 # Backward: dk, dv along the transposed schedule, one call per key group.
 # ---------------------------------------------------------------------------
-def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_blocks: int,
+def _dkv_kernel(*refs, cfg: Config, lists: _Lists, scale: float, n_fold_blocks: int,
                 add: bool):
-    n_prefetch = 2 if n_fold_blocks else 1
-    n_rows = cfg.sched_bn[0] * cfg.sched_bn[1] * nkg
-    ids_ref, cnt_ref = _views(refs[0], (n_rows * Lt, n_rows))
-    sblk_ref = refs[1] if n_fold_blocks else None
+    pre = refs[:len(lists.operands)]
+    n_prefetch = len(pre) + (1 if n_fold_blocks else 0)
+    sblk_ref = refs[len(pre)] if n_fold_blocks else None
+    Lt = lists.length
     (q_ref, k_ref, v_ref, kinfo_ref, lse_ref, di_ref, do_ref), qinfo_ref, _, rest = _split(
         cfg, refs[n_prefetch:], 7)
     fold_refs, rest = rest[:6 if n_fold_blocks else 0], rest[6 if n_fold_blocks else 0:]
@@ -734,9 +737,9 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    @pl.when(j < cnt_ref[_flat(cfg.sched_bn, b, n, 1, 0, nkg, kb)])
+    @pl.when(j < lists.count(pre, b, n, kb))
     def _step():
-        i = ids_ref[_flat(cfg.sched_bn, b, n, nkg, kb, Lt, j)]  # the query block
+        i = lists.ids(pre, b, n, kb, j)  # the query block
         q, do = q_ref[...], do_ref[...]
         k, v, _, _ = _non_finite_rule(cfg, k_ref[...], v_ref[...])
         kpos, kcode, kblk = _key_info(kinfo_ref, 0)
@@ -775,7 +778,8 @@ def _dkv_kernel(*refs, cfg: Config, nkg: int, Lt: int, scale: float, n_fold_bloc
             dv = jnp.where(v_ok, dv, 0.0)
         if n_fold_blocks:  # the global slots' dK / dV at their positions
             kpos = jnp.expand_dims(kinfo_ref[0], -1)  # [bk, 1]
-            add_k, add_v = _fold_rows(kpos, sblk_ref[b * nkg + kb], n_fold_blocks, fold_refs, 2)
+            add_k, add_v = _fold_rows(kpos, sblk_ref[b * lists.n_rows + kb], n_fold_blocks,
+                                      fold_refs, 2)
             dk, dv = dk + add_k, dv + add_v
         if add:  # another pass's dK / dV of these keys (the same buffers as the outputs)
             dk = dk + add_refs[0][...].astype(jnp.float32)
@@ -793,12 +797,12 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
     B = q.shape[0]
     bq, bk, W, hb = cfg.bq, cfg.bk, _width(cfg), cfg.heads
     Ng = _groups(cfg, q)
-    nkg, Lt = ids.shape[-2], ids.shape[-1]
-    sb = cfg.sched_bn
-    n_pre = 2 if fold is not None else 1
+    lists = _Lists(cfg, ids, cnt, split=False)
+    nkg, Lt = lists.n_rows, lists.length
+    n_pre = len(lists.operands) + (fold is not None)
 
-    def qb_of(b, n, kb, j, table_ref, *_):  # the table: _pack(ids, cnt)
-        return table_ref[_flat(sb, b, n, nkg, kb, Lt, j)]
+    def qb_of(b, n, kb, j, *pre):
+        return lists.ids(pre, b, n, kb, j)
 
     def qmap(b, n, kb, j, *pre):
         return (b, qb_of(b, n, kb, j, *pre), n)
@@ -836,7 +840,7 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
         num_scalar_prefetch=n_pre, grid=(B, Ng, nkg, Lt), in_specs=in_specs,
         out_specs=[_spec(cfg, bk, kmap)] * 2,
         scratch_shapes=[pltpu.VMEM((bk, W), jnp.float32), pltpu.VMEM((bk, W), jnp.float32)])
-    kernel = functools.partial(_dkv_kernel, cfg=cfg, nkg=nkg, Lt=Lt,
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, lists=lists,
                                scale=1.0 / math.sqrt(cfg.head_dim),
                                n_fold_blocks=_n_fold_blocks(fold), add=add is not None)
     isz = q.dtype.itemsize
@@ -850,7 +854,7 @@ def _backward_dkv(cfg: Config, first: int, q, k, v, kinfo, qinfo, ids, cnt, lse,
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret, name="global_local_dkv",
         input_output_aliases=aliases,
-    )(_pack(ids, cnt), *_fold_prefetch(fold), *args)
+    )(*lists.operands, *_fold_prefetch(fold), *args)
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ sequence (attended through its global slot, or its window), 3 = a global slot
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple, Union
 
 import jax
@@ -131,3 +132,86 @@ def key_info(pos: Array, code: Array, blk: Optional[Array]) -> Array:
     if blk is None:
         blk = jnp.full(pos.shape, -1, jnp.int32)
     return jnp.stack([pos, code, blk], axis=1).astype(jnp.int32)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class IntervalLists:
+    """Data-independent block lists in closed form: no table, no scalar prefetch.
+
+    Row ``r`` (of ``n_rows``, blocks of ``row_block`` positions) lists the
+    blocks ``0 .. prefix-1``, then ``prefix + lo(r) .. prefix + hi(r)`` with
+    ``lo(r) = max(r * row_block + lo_shift, 0) // col_block`` and ``hi(r) =
+    min((r * row_block + hi_shift) // col_block, last)``; the interval is
+    empty for rows at or past ``seq_len`` (padding) and when ``lo > hi``.
+    Entries past the count repeat the last valid id (0 when there is none),
+    as :func:`lists_from_need` builds them: the same lists, computed from
+    the grid indices by the kernels' index maps. Every schedule without
+    globals' causal order or random blocks has this form (:func:`band_lists`,
+    :func:`full_lists`).
+    """
+
+    n_rows: int
+    length: int
+    row_block: int
+    col_block: int
+    lo_shift: int
+    hi_shift: int
+    last: int
+    seq_len: int
+    prefix: int = 0
+
+    def _interval(self, r):
+        start = r * self.row_block
+        lo = jnp.maximum(start + self.lo_shift, 0) // self.col_block
+        hi = jnp.minimum((start + self.hi_shift) // self.col_block, self.last)
+        n = jnp.where(start < self.seq_len, jnp.maximum(hi - lo + 1, 0), 0)
+        return lo, n
+
+    def count(self, r):
+        return self.prefix + self._interval(r)[1]
+
+    def ids(self, r, j):
+        lo, n = self._interval(r)
+        last = jnp.where(n > 0, self.prefix + lo + n - 1, max(self.prefix - 1, 0))
+        inside = jnp.where(j < self.prefix, j, self.prefix + lo + (j - self.prefix))
+        return jnp.minimum(inside, last)
+
+    def seq_ids(self, r, j):
+        """The list with prefix entries replaced by the row's first interval block, minus
+        ``prefix`` (the sequence input's blocks; 0 for a row with no interval)."""
+        lo, n = self._interval(r)
+        return jnp.where(n > 0, lo + jnp.minimum(jnp.maximum(j - self.prefix, 0), n - 1), 0)
+
+    def prefix_ids(self, r, j):
+        """The list with interval entries replaced by the last prefix block (the global
+        slots' input)."""
+        return jnp.minimum(j, max(self.prefix - 1, 0))
+
+    def arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(ids [n_rows, length], count [n_rows])`` as numpy, for tests and accounting."""
+        r = np.arange(self.n_rows)[:, None]
+        j = np.arange(self.length)[None, :]
+        ids = np.asarray(self.ids(jnp.asarray(r), jnp.asarray(j)), np.int32)
+        return ids, np.asarray(self.count(jnp.asarray(r[:, 0])), np.int32)
+
+
+def band_lists(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int,
+               length: int, prefix: int = 0) -> IntervalLists:
+    """The lists of ``[ones(nq, prefix) ; band_need(...)]``: query block -> key blocks."""
+    return IntervalLists(nq, length, bq, bk, -left, bq - 1 + right, cdiv(T, bk) - 1, T, prefix)
+
+
+def band_lists_t(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int,
+                 length: int) -> IntervalLists:
+    """The lists of ``band_need(...).T``: key block -> query blocks."""
+    return IntervalLists(nk, length, bk, bq, -right, bk - 1 + left, cdiv(T, bq) - 1, T)
+
+
+def full_lists(n_rows: int, row_block: int, n_cols: int, length: int,
+               rows_below: Optional[int] = None) -> IntervalLists:
+    """Every row lists the columns ``0 .. n_cols-1``; with ``rows_below``, rows
+    starting at or past it (``r * row_block >= rows_below``) list nothing."""
+    big = 2 ** 30
+    return IntervalLists(n_rows, length, row_block, 1, -big, big, n_cols - 1,
+                         big if rows_below is None else rows_below)
