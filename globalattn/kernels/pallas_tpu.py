@@ -127,9 +127,8 @@ def _xla_take_rows(x: Array, idx: Array, valid: Array) -> Array:
 def _take_rows(x: Array, idx: Array, valid: Array, interpret: Any) -> Array:
     """:func:`_xla_take_rows`, but a heads-first ``x [B, N, T, H]`` by the Pallas kernel
     :func:`gather_rows` (XLA:TPU would copy all of ``x`` into another layout first)."""
-    if x.ndim == 4:
-        rows = gather_rows(x, idx, interpret=interpret)
-        return jnp.where(valid[:, None, :, None], rows, jnp.zeros((), x.dtype))
+    if x.ndim == 4:  # the kernel writes zeros where the position is negative
+        return gather_rows(x, jnp.where(valid, idx, -1), interpret=interpret)
     return _xla_take_rows(x, idx, valid)
 
 

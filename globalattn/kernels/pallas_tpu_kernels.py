@@ -894,12 +894,14 @@ class Slots(NamedTuple):
 # that holds it (all heads at once) and selects the row inside VMEM.
 def _gather_kernel(pos_ref, x_ref, o_ref, *, L: int, chunk: int):
     b, l = pl.program_id(0), pl.program_id(1)
-    r = pos_ref[b * L + l] % chunk
+    p = pos_ref[b * L + l]
+    r = jnp.maximum(p, 0) % chunk
     j = l % chunk
     rows_in = x_ref[...].astype(jnp.float32)  # [N, chunk, H]
     row = rows_in[:, :1]
     for s in range(1, chunk):  # selects, not products: every value is copied as is
         row = jnp.where(r == s, rows_in[:, s:s + 1], row)
+    row = jnp.where(p >= 0, row, jnp.zeros((), jnp.float32))  # an empty slot: zeros
     rows = lax.broadcasted_iota(jnp.int32, (1, chunk, 1), 1)
     # Row j of this output chunk; the rows before it were written by the previous
     # steps (the output block stays in VMEM while l walks through it).
@@ -910,8 +912,8 @@ def _gather_kernel(pos_ref, x_ref, o_ref, *, L: int, chunk: int):
 def gather_rows(x: Array, pos: Array, *, interpret: Any) -> Array:
     """``x[b, :, pos[b, l]]`` of a heads-first ``x [B, N, T, H]``, ``pos [B, L]``
     int32 -> ``[B, N, L, H]``, exactly (NaN, inf and -0 copied as they are).
-    Positions outside ``[0, T)`` are clamped into it, as by XLA's gather
-    (callers zero the rows of empty slots).
+    A negative position (an empty slot) gives a row of zeros; positions past
+    the end are clamped to the last row, as by XLA's gather.
 
     One grid step per row: the aligned chunk of 16 rows that holds it (8 when
     ``T`` is not a multiple of 16; one sublane tile of bf16 / float32), all
@@ -925,11 +927,11 @@ def gather_rows(x: Array, pos: Array, *, interpret: Any) -> Array:
     if T % chunk:
         raise ValueError(f"gather_rows: sequence length {T} is not a multiple of 8")
     Lp = -(-L // chunk) * chunk
-    flat = jnp.pad(jnp.clip(pos.astype(jnp.int32), 0, T - 1), ((0, 0), (0, Lp - L))).reshape(-1)
+    flat = jnp.pad(jnp.minimum(pos.astype(jnp.int32), T - 1), ((0, 0), (0, Lp - L))).reshape(-1)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(B, Lp),
         in_specs=[pl.BlockSpec((None, N, chunk, H),
-                               lambda b, l, p: (b, 0, p[b * Lp + l] // chunk, 0))],
+                               lambda b, l, p: (b, 0, jnp.maximum(p[b * Lp + l], 0) // chunk, 0))],
         out_specs=pl.BlockSpec((None, N, chunk, H), lambda b, l, p: (b, 0, l // chunk, 0)))
     out = pl.pallas_call(
         functools.partial(_gather_kernel, L=Lp, chunk=chunk), grid_spec=grid_spec,
@@ -944,10 +946,11 @@ def gather_rows(x: Array, pos: Array, *, interpret: Any) -> Array:
 
 
 def _gather_slots(cfg: Config, x: Array, pos: Array) -> Array:
-    """Rows ``pos [B, L]`` of ``x`` along its sequence axis."""
+    """Rows ``pos [B, L]`` of ``x`` along its sequence axis; zeros where ``pos`` is -1."""
     if cfg.heads_first:
         return gather_rows(x, pos, interpret=cfg.interpret)
-    return jnp.take_along_axis(x, pos[:, :, None], axis=1)
+    rows = jnp.take_along_axis(x, jnp.maximum(pos, 0)[:, :, None], axis=1)
+    return jnp.where((pos >= 0)[:, :, None], rows, jnp.zeros((), x.dtype))
 
 
 def _dsinks(cfg: Config, sinks: Array, lse: Array, di: Array) -> Array:
@@ -1023,10 +1026,7 @@ def _attend_bwd(cfg, cfg_g, res, do):
         (qs, ks, vs), shared = _global_qkv(k, v, qkv_g, gathered)
         # Empty slots' rows are never written, so they get no cotangent (non-causal, they
         # attend every key with the gathered query of position 0).
-        used = (slots.rows.fold_pos >= 0)[:, 0, :, None]  # [B, Gq, 1]
-        if cfg.heads_first:
-            used = used[:, None]
-        do_g = jnp.where(used, _gather_slots(cfg, do, slots.rows.pos), jnp.zeros((), do.dtype))
+        do_g = _gather_slots(cfg, do, slots.rows.fold_pos[:, 0])
         di_g = _row_dots(cfg_g, out_g, do_g, glob.qinfo)
         dk_g, dv_g = _backward_dkv(cfg_g, 0, qs, ks, vs, glob.kinfo, glob.qinfo, *glob.tsched[0],
                                    lse_g, di_g, do_g)
