@@ -398,7 +398,8 @@ def test_fold_gives_each_row_its_own_slot_value_non_finite_included(dtype):
 def test_gather_rows_copies_each_row_exactly_without_races(monkeypatch, dtype, T):
     # The heads-first row gather (global slots, global rows' cotangents): every
     # row as it is (NaN, +-inf, -0), rows of one chunk, repeats, both ends of the
-    # sequence, out-of-range positions clamped like XLA's gather.
+    # sequence; a negative position (an empty slot) gives a row of zeros, one past
+    # the end is clamped like XLA's gather.
     from globalattn.kernels import pallas_tpu_kernels as K
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, T, 8)), dtype)
     x = (x.at[0, 1, 5, 2].set(jnp.nan).at[1, 0, T - 1, 0].set(-0.0)
@@ -410,6 +411,8 @@ def test_gather_rows_copies_each_row_exactly_without_races(monkeypatch, dtype, T
     want = np.asarray(x.astype(jnp.float32))[
         np.arange(2)[:, None, None], np.arange(3)[None, :, None],
         np.clip(np.asarray(pos), 0, T - 1)[:, None, :]]
+    assert not np.all(want[0, :, -1] == 0)  # row 0: what clamping -4 would have given
+    want = np.where((np.asarray(pos) < 0)[:, None, :, None], np.float32(0), want)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
     assert states and not any(s.races_found for s in states)

@@ -892,10 +892,10 @@ class Slots(NamedTuple):
 # layout with T outermost (one slice per row contiguous): a full-size temporary
 # for a few rows. This kernel fetches, per row, the aligned chunk of rows
 # that holds it (all heads at once) and selects the row inside VMEM.
-def _gather_kernel(pos_ref, x_ref, o_ref, *, L: int, chunk: int):
+def _gather_kernel(pos_ref, x_ref, o_ref, *, L: int, T: int, chunk: int):
     b, l = pl.program_id(0), pl.program_id(1)
-    p = pos_ref[b * L + l]
-    r = jnp.maximum(p, 0) % chunk
+    p = pos_ref[b, 0, l]
+    r = jnp.clip(p, 0, T - 1) % chunk
     j = l % chunk
     rows_in = x_ref[...].astype(jnp.float32)  # [N, chunk, H]
     row = rows_in[:, :1]
@@ -927,21 +927,24 @@ def gather_rows(x: Array, pos: Array, *, interpret: Any) -> Array:
     if T % chunk:
         raise ValueError(f"gather_rows: sequence length {T} is not a multiple of 8")
     Lp = -(-L // chunk) * chunk
-    flat = jnp.pad(jnp.minimum(pos.astype(jnp.int32), T - 1), ((0, 0), (0, Lp - L))).reshape(-1)
+    # Clamped inside (index map and kernel): the positions go in as they are, with no op
+    # of XLA's before the call.
+    pos3 = jnp.pad(pos.astype(jnp.int32), ((0, 0), (0, Lp - L)), constant_values=-1)[:, None]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(B, Lp),
         in_specs=[pl.BlockSpec((None, N, chunk, H),
-                               lambda b, l, p: (b, 0, jnp.maximum(p[b * Lp + l], 0) // chunk, 0))],
+                               lambda b, l, p: (b, 0, jnp.clip(p[b, 0, l], 0, T - 1) // chunk,
+                                                0))],
         out_specs=pl.BlockSpec((None, N, chunk, H), lambda b, l, p: (b, 0, l // chunk, 0)))
     out = pl.pallas_call(
-        functools.partial(_gather_kernel, L=Lp, chunk=chunk), grid_spec=grid_spec,
+        functools.partial(_gather_kernel, L=Lp, T=T, chunk=chunk), grid_spec=grid_spec,
         out_shape=_out((B, N, Lp, H), x.dtype, x),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
                                       bytes_accessed=x.dtype.itemsize * B * N * Lp * H
                                       * (chunk + 1)),
         interpret=interpret, name="global_local_gather_rows",
-    )(flat, x)
+    )(pos3, x)
     return out if Lp == L else out[:, :, :L]
 
 
