@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Optional
 
@@ -304,6 +305,58 @@ def test_schedule_lists_are_sets_within_their_bound():
         n_band, n_rand = most_needed(bq, bk, left, right, bs)
         assert int(n_band) <= S.band_bound(bq, bk, left, right)
         assert int(n_rand) <= S.random_bound(bq, bk, bs, 3)
+
+
+def test_closed_form_lists_equal_the_lists_of_their_need_matrices():
+    # The kernels compute the data-independent lists from the grid indices
+    # (S.IntervalLists); they must be exactly the lists of the need matrices they
+    # stand for (as lists_from_need builds them: the True columns, then the last
+    # one repeated, 0 for none), and so must the per-input lists of the forward
+    # pass (K.split_lists).
+    from globalattn.kernels import pallas_tpu_kernels as K
+
+    def lists_of(need, L):
+        ids = np.zeros(need.shape[:1] + (L,), np.int32)
+        for row, cols in enumerate(need):
+            cols = np.flatnonzero(cols)
+            ids[row] = np.concatenate([cols, np.full(L - len(cols), cols[-1] if len(cols) else 0)])
+        return ids, need.sum(-1)
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        bq, bk = (int(x) for x in rng.choice([8, 16, 24, 128], 2))
+        T, left, right = int(rng.integers(1, 700)), int(rng.integers(0, 300)), int(rng.integers(0, 300))
+        lcm = math.lcm(bq, bk)
+        Tp = -(-T // lcm) * lcm
+        nq, nk = Tp // bq, Tp // bk
+        ng, nqg = int(rng.integers(0, 3)), int(rng.integers(1, 4))
+        band = S.band_need(nq, bq, nk, bk, left, right, T)
+        need = np.concatenate([np.ones((nq, ng), bool), band], -1)
+        cases = [
+            (need, min(ng + nk, ng + S.band_bound(bq, bk, left, right)),
+             lambda L: S.band_lists(nq, bq, nk, bk, left, right, T, L, prefix=ng)),
+            (band.T, min(nq, S.band_bound(bk, bq, right, left)),
+             lambda L: S.band_lists_t(nq, bq, nk, bk, left, right, T, L)),
+            (np.ones((ng, nq), bool), nq, lambda L: S.full_lists(ng, bk, nq, L)),
+            (np.broadcast_to(np.arange(nk) * bk < T, (nqg, nk)), nk,
+             lambda L: S.full_lists(nqg, 8, -(-T // bk), L)),
+            (np.broadcast_to(np.arange(nk)[:, None] * bk < T, (nk, nqg)), nqg,
+             lambda L: S.full_lists(nk, bk, nqg, L, rows_below=T)),
+        ]
+        for i, (m, L, closed) in enumerate(cases):
+            if m.shape[0] == 0:
+                continue
+            ids, cnt = lists_of(m, L)
+            c = closed(L)
+            got_ids, got_cnt = c.arrays()
+            where = (i, bq, bk, T, left, right, ng)
+            np.testing.assert_array_equal(got_cnt, cnt, err_msg=str(where))
+            np.testing.assert_array_equal(got_ids, ids, err_msg=str(where))
+            if i == 0:
+                r, j = np.arange(nq)[:, None], np.arange(L)[None, :]
+                seq, pre = (np.asarray(x) for x in K.split_lists(jnp.asarray(ids), ng))
+                np.testing.assert_array_equal(c.seq_ids(r, j), seq, err_msg=str(where))
+                if ng:
+                    np.testing.assert_array_equal(c.prefix_ids(r, j), pre, err_msg=str(where))
 
 
 # ---------------------------------------------------------------------------

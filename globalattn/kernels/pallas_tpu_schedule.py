@@ -1,11 +1,14 @@
 """Block schedules and per-key codes of the Pallas TPU global + local kernel.
 
 The kernel (:mod:`globalattn.kernels.pallas_tpu_kernels`) attends query blocks
-of ``bq`` rows to key blocks of ``bk`` keys. Which key blocks a query block
-visits is data-dependent (globals, random blocks), so it is a list per query
-block, scalar-prefetched into SMEM: ``ids[..., row, :L]`` with ``count[..., row]``
-valid entries. Entries past the count repeat the last valid id so the pipeline
-issues no new copy for the skipped grid steps.
+of ``bq`` rows to key blocks of ``bk`` keys along a list per query block:
+``ids[..., row, :L]`` with ``count[..., row]`` valid entries. Entries past the
+count repeat the last valid id so the pipeline issues no new copy for the
+skipped grid steps. Where the lists depend on the data (BigBird random blocks;
+causal global blocks) they are built on device (:func:`lists_from_need`) and
+scalar-prefetched into SMEM; otherwise (the window band, the global blocks,
+the global rows' full lists) they have a closed form (:class:`IntervalLists`)
+that the kernels' index maps compute from the grid indices, with no table.
 
 A schedule is only a superset of the blocks that hold an allowed pair: the
 kernel recomputes the exact pair mask inside every block from the key codes
@@ -21,7 +24,7 @@ sequence (attended through its global slot, or its window), 3 = a global slot
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,25 +41,20 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def lists_from_need(need: Union[Array, np.ndarray], length: int) -> Tuple[Array, Array]:
+def lists_from_need(need: Array, length: int) -> Tuple[Array, Array]:
     """Compact each row of a bool ``[..., R, C]`` matrix into a block list.
 
     Returns ``(ids [..., R, length] int32, count [..., R] int32)``: the True
     columns of each row in ascending order, then the last of them repeated.
     ``length`` must be >= every row's count (callers pass a proven bound);
-    rows with no True column get count 0 and ids 0. A numpy ``need`` (a
-    schedule that does not depend on the data) gives numpy lists, built at
-    trace time: constants of the program rather than ops in it.
+    rows with no True column get count 0 and ids 0.
     """
     if length > need.shape[-1]:
         raise ValueError(f"list length {length} exceeds the {need.shape[-1]} columns")
-    xp = np if isinstance(need, np.ndarray) else jnp
-    order = xp.argsort(~need, axis=-1, stable=True)[..., :length].astype(np.int32)
-    count = xp.sum(need, axis=-1, dtype=np.int32)
-    last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
-    ids = xp.where(np.arange(length) < count[..., None], order, last)
-    if xp is np and int(count.max(initial=0)) > length:
-        raise ValueError(f"a row needs {int(count.max())} blocks, more than the list length {length}")
+    order = jnp.argsort(~need, axis=-1, stable=True)[..., :length].astype(jnp.int32)
+    count = jnp.sum(need, axis=-1, dtype=jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    ids = jnp.where(jnp.arange(length) < count[..., None], order, last)
     return ids, count
 
 
@@ -161,39 +159,42 @@ class IntervalLists:
     seq_len: int
     prefix: int = 0
 
+    # Row r and entry j are the kernels' grid indices (traced scalars), or numpy
+    # arrays (:meth:`arrays`).
     def _interval(self, r):
+        xp = np if isinstance(r, np.ndarray) else jnp
         start = r * self.row_block
-        lo = jnp.maximum(start + self.lo_shift, 0) // self.col_block
-        hi = jnp.minimum((start + self.hi_shift) // self.col_block, self.last)
-        n = jnp.where(start < self.seq_len, jnp.maximum(hi - lo + 1, 0), 0)
-        return lo, n
+        lo = xp.maximum(start + self.lo_shift, 0) // self.col_block
+        hi = xp.minimum((start + self.hi_shift) // self.col_block, self.last)
+        n = xp.where(start < self.seq_len, xp.maximum(hi - lo + 1, 0), 0)
+        return xp, lo, n
 
     def count(self, r):
-        return self.prefix + self._interval(r)[1]
+        return self.prefix + self._interval(r)[2]
 
     def ids(self, r, j):
-        lo, n = self._interval(r)
-        last = jnp.where(n > 0, self.prefix + lo + n - 1, max(self.prefix - 1, 0))
-        inside = jnp.where(j < self.prefix, j, self.prefix + lo + (j - self.prefix))
-        return jnp.minimum(inside, last)
+        xp, lo, n = self._interval(r)
+        last = xp.where(n > 0, self.prefix + lo + n - 1, max(self.prefix - 1, 0))
+        inside = xp.where(j < self.prefix, j, self.prefix + lo + (j - self.prefix))
+        return xp.minimum(inside, last)
 
     def seq_ids(self, r, j):
         """The list with prefix entries replaced by the row's first interval block, minus
         ``prefix`` (the sequence input's blocks; 0 for a row with no interval)."""
-        lo, n = self._interval(r)
-        return jnp.where(n > 0, lo + jnp.minimum(jnp.maximum(j - self.prefix, 0), n - 1), 0)
+        xp, lo, n = self._interval(r)
+        return xp.where(n > 0, lo + xp.minimum(xp.maximum(j - self.prefix, 0), n - 1), 0)
 
     def prefix_ids(self, r, j):
         """The list with interval entries replaced by the last prefix block (the global
         slots' input)."""
-        return jnp.minimum(j, max(self.prefix - 1, 0))
+        xp = np if isinstance(r, np.ndarray) else jnp
+        return xp.minimum(j + 0 * r, max(self.prefix - 1, 0))
 
     def arrays(self) -> Tuple[np.ndarray, np.ndarray]:
-        """``(ids [n_rows, length], count [n_rows])`` as numpy, for tests and accounting."""
+        """``(ids [n_rows, length], count [n_rows])`` as numpy, for tests."""
         r = np.arange(self.n_rows)[:, None]
         j = np.arange(self.length)[None, :]
-        ids = np.asarray(self.ids(jnp.asarray(r), jnp.asarray(j)), np.int32)
-        return ids, np.asarray(self.count(jnp.asarray(r[:, 0])), np.int32)
+        return self.ids(r, j).astype(np.int32), self.count(r[:, 0]).astype(np.int32)
 
 
 def band_lists(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int,
