@@ -324,7 +324,8 @@ def test_closed_form_lists_equal_the_lists_of_their_need_matrices():
     rng = np.random.default_rng(3)
     for _ in range(40):
         bq, bk = (int(x) for x in rng.choice([8, 16, 24, 128], 2))
-        T, left, right = int(rng.integers(1, 700)), int(rng.integers(0, 300)), int(rng.integers(0, 300))
+        T = int(rng.integers(1, 700))
+        left, right = (int(x) for x in rng.integers(0, 300, 2))
         lcm = math.lcm(bq, bk)
         Tp = -(-T // lcm) * lcm
         nq, nk = Tp // bq, Tp // bk

@@ -249,18 +249,24 @@ class _Lists:
         return pre[0][self._at[which] + _flat(self.sb, b, n, self.n_rows, r, self.length, j)]
 
     def ids(self, pre, b, n, r, j):
-        return self.closed.ids(r, j) if self.closed else self._read(pre, 0, b, n, r, j)
+        if self.closed is not None:
+            return self.closed.ids(r, j)
+        return self._read(pre, 0, b, n, r, j)
 
     def count(self, pre, b, n, r):
-        if self.closed:
+        if self.closed is not None:
             return self.closed.count(r)
         return pre[0][self._at[1] + _flat(self.sb, b, n, 1, 0, self.n_rows, r)]
 
     def seq_ids(self, pre, b, n, r, j):
-        return self.closed.seq_ids(r, j) if self.closed else self._read(pre, 2, b, n, r, j)
+        if self.closed is not None:
+            return self.closed.seq_ids(r, j)
+        return self._read(pre, 2, b, n, r, j)
 
     def prefix_ids(self, pre, b, n, r, j):
-        return self.closed.prefix_ids(r, j) if self.closed else self._read(pre, 3, b, n, r, j)
+        if self.closed is not None:
+            return self.closed.prefix_ids(r, j)
+        return self._read(pre, 3, b, n, r, j)
 
 
 def _dispatch(cfg, lists: _Lists, pre, b, n, i, j, step, seq_refs, glob_refs):
@@ -545,7 +551,8 @@ def _forward(cfg: Config, q, k, v, kg, vg, sinks, kinfo, qinfo, ids, cnt,
     out_specs = [_spec(cfg, bq, qmap),
                  pl.BlockSpec((None, None, hb, bq), lambda b, n, i, j, *_: (b, n, 0, i))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(lists.operands) + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=len(lists.operands) + (fold is not None), grid=(B, Ng, nq, L),
+        in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((hb, bq, _LANES), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32),
@@ -695,7 +702,8 @@ def _backward_dq(cfg: Config, q, k, v, kg, vg, kinfo, qinfo, ids, cnt, lse, di, 
                 + fold_specs)
     glob_args = [kg, vg] if cfg.n_global_blocks else []
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(lists.operands) + (fold is not None), grid=(B, Ng, nq, L), in_specs=in_specs,
+        num_scalar_prefetch=len(lists.operands) + (fold is not None), grid=(B, Ng, nq, L),
+        in_specs=in_specs,
         out_specs=_spec(cfg, bq, qmap),
         scratch_shapes=[pltpu.VMEM((bq, W), jnp.float32),
                         pltpu.VMEM((hb, bq, _LANES), jnp.float32)])
