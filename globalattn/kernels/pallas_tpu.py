@@ -9,8 +9,9 @@ Two passes of one block-sparse flash-attention primitive with its own VJP
    column of blocks each. Each query block visits the global blocks, its window
    band and the key blocks of its BigBird random blocks (a list computed from
    the grid indices, or with random blocks a scalar-prefetched one). Per-key
-   codes exclude padding, empty global slots, global keys inside the window (already counted there) and global keys drawn by a random
-   block; duplicated random draws count once because the pair mask is an OR.
+   codes exclude padding, empty global slots, global keys inside the window
+   (already counted there) and global keys drawn by a random block;
+   duplicated random draws count once because the pair mask is an OR.
 2. **Global-rows pass.** The G global query rows (``q_g`` with ``global_qkv``)
    against every real key. It runs first: the rows pass's kernel writes its
    outputs at their rows (a row code makes global rows attend nothing there)
