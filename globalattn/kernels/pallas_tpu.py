@@ -297,7 +297,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         # block's first global; positions ascend with the slot).
 
         def slot_table(pos, valid, seq_block, slot_block):
-            return SlotTable(pos=pos, fold_pos=jnp.where(valid, pos, -1)[:, None, :],
+            return SlotTable(fold_pos=jnp.where(valid, pos, -1)[:, None, :],
                              slot_block=before[:, ::seq_block] // slot_block)
 
         key_slots = slot_table(gpos_k, gvalid_k, bk, bk)

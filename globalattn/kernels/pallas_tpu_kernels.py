@@ -340,15 +340,14 @@ def split_lists(ids: Array, n_global_blocks: int) -> Tuple[Array, Array]:
 class SlotTable(NamedTuple):
     """Where G slots sit in the sequence, for gathering them and folding rows back.
 
-    ``pos [B, Gs]``: the gather index (0 for an empty slot); ``fold_pos [B, 1,
-    Gs]``: the position, -1 for an empty slot; ``slot_block [B, nb]``: for
-    each block of the sequence (of the kernel's block size), the slot block
-    (of ``block`` slots) holding its first slot. Positions ascend with the
-    slot and a sequence block holds at most ``block`` slots (or all slots fit
-    one block), so its slots lie in that slot block and the next.
+    ``fold_pos [B, 1, Gs]``: each slot's position, -1 for an empty slot;
+    ``slot_block [B, nb]``: for each block of the sequence (of the kernel's
+    block size), the slot block (of ``block`` slots) holding its first slot.
+    Positions ascend with the slot and a sequence block holds at most
+    ``block`` slots (or all slots fit one block), so its slots lie in that
+    slot block and the next.
     """
 
-    pos: Array
     fold_pos: Array
     slot_block: Array
 
@@ -1000,9 +999,9 @@ def attend(cfg: Config, cfg_g: Optional[Config], q: Array, k: Array, v: Array,
 
     ``gathered = (q rows, k slots, v slots)`` (``[B, Gq | ng * bk, N * H]``,
     zero at empty slots, None where unused) must equal the rows of ``q, k,
-    v`` at ``slots.rows.pos`` / ``slots.keys.pos``. They get no cotangent of
-    their own: the backward attributes their gradients to ``q, k, v`` at
-    those positions.
+    v`` at ``slots.rows.fold_pos`` / ``slots.keys.fold_pos``. They get no
+    cotangent of their own: the backward attributes their gradients to ``q,
+    k, v`` at those positions.
     """
     return _attend_fwd(cfg, cfg_g, q, k, v, qkv_g, sinks, rows, glob, slots, gathered)[0]
 
