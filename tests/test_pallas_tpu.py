@@ -334,9 +334,9 @@ def test_closed_form_lists_equal_the_lists_of_their_need_matrices():
         need = np.concatenate([np.ones((nq, ng), bool), band], -1)
         cases = [
             (need, min(ng + nk, ng + S.band_bound(bq, bk, left, right)),
-             lambda L: S.band_lists(nq, bq, nk, bk, left, right, T, L, prefix=ng)),
+             lambda L: S.band_lists(nq, bq, bk, left, right, T, L, prefix=ng)),
             (band.T, min(nq, S.band_bound(bk, bq, right, left)),
-             lambda L: S.band_lists_t(nq, bq, nk, bk, left, right, T, L)),
+             lambda L: S.band_lists_t(nk, bq, bk, left, right, T, L)),
             (np.ones((ng, nq), bool), nq, lambda L: S.full_lists(ng, bk, nq, L)),
             (np.broadcast_to(np.arange(nk) * bk < T, (nqg, nk)), nk,
              lambda L: S.full_lists(nqg, 8, -(-T // bk), L)),

@@ -56,7 +56,7 @@ from jax import lax
 
 from globalattn.kernels import pallas_tpu_schedule as S
 from globalattn.kernels.pallas_tpu_kernels import (Config, Pass, Slots, SlotTable, attend,
-                                                   gather_rows, heads_per_block)
+                                                   gather_rows, heads_per_block, xla_take_rows)
 from globalattn.ops import core
 from globalattn.ops.dense import gather_global_positions
 
@@ -113,24 +113,12 @@ def _check_block(value: int, name: str, on_tpu: bool) -> int:
 # Moving the G global rows in and out of the kernels' arrays. Autodiff
 # of a gather gives a scatter-add, which XLA:TPU runs on 32-bit copies of the whole
 # array; positions of valid globals are distinct, so both directions are gathers.
-def _xla_take_rows(x: Array, idx: Array, valid: Array) -> Array:
-    """``x[b, idx[b, l]]`` of ``x [B, T, W]`` (or ``x[b, :, idx[b, l]]`` of ``x [B, N, T,
-    H]``) by XLA's gather, ``idx [B, L]``; zero where ``valid`` is False."""
-    if x.ndim == 4:
-        rows = jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
-        keep = valid[:, None, :, None]
-    else:
-        rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
-        keep = valid[:, :, None]
-    return jnp.where(keep, rows, jnp.zeros((), x.dtype))
-
-
 def _take_rows(x: Array, idx: Array, valid: Array, interpret: Any) -> Array:
-    """:func:`_xla_take_rows`, but a heads-first ``x [B, N, T, H]`` by the Pallas kernel
+    """:func:`xla_take_rows`, but a heads-first ``x [B, N, T, H]`` by the Pallas kernel
     :func:`gather_rows` (XLA:TPU would copy all of ``x`` into another layout first)."""
     if x.ndim == 4:  # the kernel writes zeros where the position is negative
         return gather_rows(x, jnp.where(valid, idx, -1), interpret=interpret)
-    return _xla_take_rows(x, idx, valid)
+    return xla_take_rows(x, idx, valid)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -153,7 +141,7 @@ def _gather_rows_fwd(x, pos, valid, slot, interpret):
 def _gather_rows_bwd(interpret, res, ct):
     pos, slot = res
     # Every position takes its slot's row: a full-length result, XLA's own gather.
-    return _xla_take_rows(ct, jnp.maximum(slot, 0), slot >= 0), None, None, None
+    return xla_take_rows(ct, jnp.maximum(slot, 0), slot >= 0), None, None, None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -346,7 +334,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
     # computed by the kernels from the grid indices (S.IntervalLists): no table.
     tsched = []  # transposed lists: the global slots' (every query block), the sequence's
     if rb is None and gneed is None:
-        sched = (S.band_lists(nq, bq, nks, bk, left, right, T, length, prefix=ng), None)
+        sched = (S.band_lists(nq, bq, bk, left, right, T, length, prefix=ng), None)
     else:
         need = need_seq
         if has_g:
@@ -358,7 +346,7 @@ def _attention(args, *, block_q: Optional[int], block_k: Optional[int], interpre
         tsched.append((S.full_lists(ng, bk, nq, nq), None) if gneed is None
                       else S.lists_from_need(
                           jnp.broadcast_to(gneed.T, need_seq.shape[:2] + (ng, nq)), nq))
-    tsched.append((S.band_lists_t(nq, bq, nks, bk, left, right, T, t_length), None)
+    tsched.append((S.band_lists_t(nks, bq, bk, left, right, T, t_length), None)
                   if rb is None else S.lists_from_need(jnp.swapaxes(need_seq, -1, -2), t_length))
     cfg = Config(bq=bq, bk=bk, left=left, right=right, causal=causal, full_rows=False,
                  n_rand=n_rand, row_code=True, sched_bn=sched_bn,

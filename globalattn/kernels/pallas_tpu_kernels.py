@@ -955,12 +955,23 @@ def gather_rows(x: Array, pos: Array, *, interpret: Any) -> Array:
     return out if Lp == L else out[:, :, :L]
 
 
+def xla_take_rows(x: Array, idx: Array, valid: Array) -> Array:
+    """``x[b, idx[b, l]]`` of ``x [B, T, W]`` (or ``x[b, :, idx[b, l]]`` of ``x [B, N, T,
+    H]``) by XLA's gather, ``idx [B, L]``; zero where ``valid`` is False."""
+    if x.ndim == 4:
+        rows = jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
+        keep = valid[:, None, :, None]
+    else:
+        rows = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+        keep = valid[:, :, None]
+    return jnp.where(keep, rows, jnp.zeros((), x.dtype))
+
+
 def _gather_slots(cfg: Config, x: Array, pos: Array) -> Array:
     """Rows ``pos [B, L]`` of ``x`` along its sequence axis; zeros where ``pos`` is -1."""
     if cfg.heads_first:
         return gather_rows(x, pos, interpret=cfg.interpret)
-    rows = jnp.take_along_axis(x, jnp.maximum(pos, 0)[:, :, None], axis=1)
-    return jnp.where((pos >= 0)[:, :, None], rows, jnp.zeros((), x.dtype))
+    return xla_take_rows(x, jnp.maximum(pos, 0), pos >= 0)
 
 
 def _dsinks(cfg: Config, sinks: Array, lse: Array, di: Array) -> Array:

@@ -197,13 +197,13 @@ class IntervalLists:
         return self.ids(r, j).astype(np.int32), self.count(r[:, 0]).astype(np.int32)
 
 
-def band_lists(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int,
-               length: int, prefix: int = 0) -> IntervalLists:
+def band_lists(nq: int, bq: int, bk: int, left: int, right: int, T: int, length: int,
+               prefix: int = 0) -> IntervalLists:
     """The lists of ``[ones(nq, prefix) ; band_need(...)]``: query block -> key blocks."""
     return IntervalLists(nq, length, bq, bk, -left, bq - 1 + right, cdiv(T, bk) - 1, T, prefix)
 
 
-def band_lists_t(nq: int, bq: int, nk: int, bk: int, left: int, right: int, T: int,
+def band_lists_t(nk: int, bq: int, bk: int, left: int, right: int, T: int,
                  length: int) -> IntervalLists:
     """The lists of ``band_need(...).T``: key block -> query blocks."""
     return IntervalLists(nk, length, bk, bq, -right, bk - 1 + left, cdiv(T, bq) - 1, T)
